@@ -1,0 +1,91 @@
+"""dynamiclrp: Layer-wise Relevance Propagation for any PyTorch model, op by op.
+
+>>> out = model(x)
+>>> rel = dynamiclrp.explain(out, inputs=x, target=3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .engine import LRP, Plan
+from .errors import (
+    DynamicLRPError,
+    GraphError,
+    NonFiniteRelevanceError,
+    TargetError,
+    UncoveredOpError,
+    ValueRecoveryError,
+)
+from .ledger import RelevanceReport
+from .presets import PRESETS, Rules, preset
+from .rules import OP_TABLE
+from .rules.linear import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
+
+__version__ = "0.1.0"
+
+
+def explain(
+    output: Tensor,
+    inputs: Tensor | Sequence[Tensor],
+    target=None,
+    *,
+    relevance: Tensor | None = None,
+    rules: str | Rules = "dynamiclrp",
+    return_report: bool = False,
+):
+    """Explain ``output`` in terms of ``inputs`` with LRP on the autograd graph.
+
+    Parameters
+    ----------
+    output:
+        A tensor with a ``grad_fn`` (the result of a forward pass with autograd recording).
+    inputs:
+        A tensor or a sequence of tensors the output depends on: leaves (data with
+        ``requires_grad``, parameters) or intermediate tensors captured during the forward pass.
+        The relevance of a tensor is the sum over all of its uses.
+    target:
+        ``None``: seed with the output itself.  For a 2-D ``(batch, classes)`` output, an int class
+        or one class per row.
+    relevance:
+        An explicit seed of the output's shape (instead of ``target``).
+    rules:
+        A preset name or a :class:`Rules` object.
+    return_report:
+        Also return the :class:`RelevanceReport` (where relevance went).
+
+    Returns
+    -------
+    One relevance tensor per input (same shape, dtype and device), a single tensor when
+    ``inputs`` was a single tensor; with ``return_report=True`` a ``(relevance, report)`` pair.
+    """
+    lrp = LRP(rules, cache_size=0)
+    rel = lrp.explain(output, inputs, target, relevance=relevance)
+    return (rel, lrp.report) if return_report else rel
+
+
+__all__ = [
+    "LRP",
+    "OP_TABLE",
+    "PRESETS",
+    "AlphaBeta",
+    "DynamicLRPError",
+    "Epsilon",
+    "Flat",
+    "Gamma",
+    "GraphError",
+    "NonFiniteRelevanceError",
+    "Plan",
+    "RelevanceReport",
+    "Rules",
+    "TargetError",
+    "UncoveredOpError",
+    "ValueRecoveryError",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "explain",
+    "preset",
+]

@@ -1,0 +1,292 @@
+"""The explainer: graph -> plan -> relevance -> results.
+
+:class:`LRP` builds the backward graph of the output, derives a :class:`Plan` (the traversal order,
+which node depends on data, which leads to a requested input, which forward values came from where)
+and runs the rules node by node in topological order, each node exactly once (paper, Prop. 2).
+Plans are cached by graph signature and requested inputs: a second call on a graph of the same
+structure skips the analysis; a different structure gets a new plan, never a stale one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import GraphError, UncoveredOpError, ValueRecoveryError
+from .graph import Edge, Graph, build_graph, gradient_edge
+from .ledger import Ledger, RelevanceReport
+from .presets import Rules, preset
+from .promises import PromisePlan, PromiseResolver
+from .rules import LEAF, OP_TABLE, OpEntry, RuleContext
+from .targets import make_seed
+
+SOURCE_NODES = {"EmbeddingBackward0"}
+
+
+@dataclass
+class Plan:
+    """Everything about a run that depends only on the graph's structure (no tensors)."""
+
+    signature: str
+    requested: tuple[Edge, ...]
+    order: list[int]
+    entries: list[OpEntry | None]
+    data: list[bool]
+    reach: list[bool]
+    promises: PromisePlan
+
+
+class LRP:
+    """A reusable explainer.
+
+    Parameters
+    ----------
+    rules:
+        A preset name (``"dynamiclrp"``, ``"epsilon"``, ``"gamma"``, ``"zplus"``, ``"alpha2beta1"``)
+        or a :class:`~dynamiclrp.presets.Rules` object.
+    cache_size:
+        How many plans (graph structures) to keep; 0 disables caching.
+
+    After each :meth:`explain`, :attr:`report` holds the books of that run
+    (:class:`~dynamiclrp.ledger.RelevanceReport`) and :attr:`last_plan_cached` says whether a
+    cached plan was used.
+    """
+
+    def __init__(self, rules: str | Rules = "dynamiclrp", cache_size: int = 8):
+        self.rules = preset(rules)
+        self.cache_size = cache_size
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self.report: RelevanceReport | None = None
+        self.last_plan_cached = False
+
+    def explain(
+        self,
+        output: Tensor,
+        inputs: Tensor | Sequence[Tensor],
+        target=None,
+        *,
+        relevance: Tensor | None = None,
+    ):
+        """Relevance of each of ``inputs`` for ``output`` (see :func:`dynamiclrp.explain`)."""
+        if not isinstance(output, Tensor):
+            raise GraphError(f"output must be a tensor, got {type(output).__name__}")
+        if output.grad_fn is None:
+            raise GraphError(
+                "The output has no grad_fn, so there is no graph to explain. Run the forward pass "
+                "with autograd recording (not under torch.no_grad() or inference_mode) and with "
+                "an input or parameter that requires grad."
+            )
+        single = isinstance(inputs, Tensor)
+        tensors = [inputs] if single else list(inputs)
+        if not tensors:
+            raise GraphError("inputs is empty: pass the tensor(s) to explain.")
+        seed = make_seed(output, target, relevance)
+        graph = build_graph(output.grad_fn)
+        requested = tuple(_input_edge(graph, t, i) for i, t in enumerate(tensors))
+        is_param = [isinstance(t, torch.nn.Parameter) for t in tensors]
+        plan = self._plan(graph, requested, is_param)
+        root_nr = gradient_edge(output).output_nr
+        run = _Run(graph, plan, self.rules)
+        with torch.no_grad():
+            results = run.execute((0, root_nr), seed, requested, is_param)
+        self.report = run.report
+        out = tuple(
+            r.to(dtype=t.dtype) if r.dtype != t.dtype else r
+            for r, t in zip(results, tensors, strict=True)
+        )
+        return out[0] if single else out
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def _plan(self, graph: Graph, requested: tuple[Edge, ...], is_param: list[bool]) -> Plan:
+        key = (graph.signature, requested, tuple(is_param))
+        plan = self._plans.get(key)
+        self.last_plan_cached = plan is not None
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        plan = make_plan(graph, requested, is_param)
+        if self.cache_size:
+            self._plans[key] = plan
+            while len(self._plans) > self.cache_size:
+                self._plans.popitem(last=False)
+        return plan
+
+
+def _input_edge(graph: Graph, t, i: int) -> Edge:
+    if not isinstance(t, Tensor):
+        raise GraphError(f"inputs[{i}] is a {type(t).__name__}, not a tensor")
+    if not t.requires_grad:
+        raise GraphError(
+            f"inputs[{i}] (shape {tuple(t.shape)}) does not require grad, so the output's graph "
+            "does not record it. Call .requires_grad_() on it before the forward pass, or pass "
+            "an intermediate tensor captured during the forward pass."
+        )
+    edge = gradient_edge(t)
+    j = graph.index.get(edge.node)
+    if j is None:
+        raise GraphError(
+            f"inputs[{i}] (shape {tuple(t.shape)}) is not part of the output's graph: the output "
+            "does not depend on it (or it was detached, or it comes from another forward pass)."
+        )
+    return (j, edge.output_nr)
+
+
+def make_plan(graph: Graph, requested: tuple[Edge, ...], is_param: list[bool]) -> Plan:
+    """Analyse the graph: entries, data flags, reachability, order; check coverage first."""
+    n = len(graph)
+    entries = [OP_TABLE.get(name) for name in graph.names]
+    topo = graph.topological_order()
+    requested_nodes = {e[0] for e in requested}
+    data_requested = {e[0] for e, p in zip(requested, is_param, strict=True) if not p}
+    reach = [False] * n
+    data = [False] * n
+    for v in reversed(topo):
+        kids = [e[0] for e in graph.children[v] if e is not None]
+        reach[v] = v in requested_nodes or any(reach[c] for c in kids)
+        data[v] = v in data_requested or _is_source(graph, v) or any(data[c] for c in kids)
+    order = [
+        v
+        for v in topo
+        if reach[v] and any(e is not None and reach[e[0]] for e in graph.children[v])
+    ]
+    uncovered = Counter(graph.names[v] for v in order if entries[v] is None)
+    if uncovered:
+        listing = ", ".join(f"{name} x{count}" for name, count in uncovered.most_common())
+        first = next(v for v in order if entries[v] is None)
+        raise UncoveredOpError(
+            f"No LRP rule for {sum(uncovered.values())} node(s) of {len(uncovered)} op type(s) on "
+            f"the path from the output to the inputs: {listing}. First at "
+            f"{graph.describe(first)}. Nothing was propagated. Add an entry to the op table "
+            "(dynamiclrp.rules) for each, or explain an intermediate tensor below them."
+        )
+    return Plan(graph.signature, requested, order, entries, data, reach, PromisePlan())
+
+
+def _is_source(graph: Graph, v: int) -> bool:
+    name = graph.names[v]
+    if name == LEAF:
+        var = graph.fns[v].variable
+        return var.requires_grad and not isinstance(var, torch.nn.Parameter)
+    return name in SOURCE_NODES
+
+
+class _Run:
+    """One explanation's state; dropped when :meth:`LRP.explain` returns."""
+
+    def __init__(self, graph: Graph, plan: Plan, rules: Rules):
+        self.graph = graph
+        self.plan = plan
+        self.rules = rules
+        self.resolver = PromiseResolver(graph, plan.entries, plan.promises)
+        self.ledger = Ledger()
+        self.report: RelevanceReport | None = None
+
+    # -- values for rules (RuleContext calls these) --------------------------------------------
+
+    def input_value(self, idx: int, slot: int) -> Tensor:
+        entry = self.plan.entries[idx]
+        attr = entry.saved_inputs.get(slot) if entry is not None else None
+        if attr is not None:
+            v = getattr(self.graph.fns[idx], attr)
+            if v is not None:
+                return v
+        edge = self.graph.children[idx][slot]
+        if edge is None:
+            raise ValueRecoveryError(
+                f"{self.graph.describe(idx)} needs the value of its input {slot}, a tensor that "
+                "does not require grad and that the node did not save, so the graph holds no "
+                "trace of it. Make that tensor require grad during the forward pass."
+            )
+        return self.resolver.value(edge)
+
+    def output_value(self, idx: int, k: int) -> Tensor:
+        return self.resolver.value((idx, k))
+
+    def input_shape(self, idx: int, slot: int) -> torch.Size:
+        edge = self.graph.children[idx][slot]
+        return torch.Size(self.graph.fns[edge[0]]._input_metadata[edge[1]].shape)
+
+    # -- propagation ---------------------------------------------------------------------------
+
+    def execute(self, root: Edge, seed: Tensor, requested, is_param) -> list[Tensor]:
+        g, plan, ledger = self.graph, self.plan, self.ledger
+        store: dict[Edge, Tensor] = {root: seed}
+        captured: dict[Edge, Tensor] = {}
+        wanted_edges = set(requested)
+        parameter_flow: set[Edge] = set()
+        for v in plan.order:
+            fn = g.fns[v]
+            meta = fn._input_metadata
+            rel = [store.pop((v, k), None) for k in range(len(meta))]
+            if all(r is None for r in rel):
+                continue
+            for k, r in enumerate(rel):
+                if (v, k) in wanted_edges and r is not None:
+                    captured[(v, k)] = r
+            rel = [
+                r if r is not None else torch.zeros(tuple(m.shape), dtype=m.dtype, device=m.device)
+                for r, m in zip(rel, meta, strict=True)
+            ]
+            kids = g.children[v]
+            ctx = RuleContext(
+                self,
+                v,
+                fn,
+                rel,
+                [e is not None and plan.data[e[0]] for e in kids],
+                [e is not None and plan.reach[e[0]] for e in kids],
+                self.rules,
+            )
+            entry = plan.entries[v]
+            outs = entry.rule(ctx)
+            r_out_total = None
+            in_total = sum(r.sum() for r in rel if r.is_floating_point())
+            for slot, r in enumerate(outs):
+                if r is None:
+                    continue
+                s = r.sum()
+                r_out_total = s if r_out_total is None else r_out_total + s
+                e = kids[slot] if slot < len(kids) else None
+                if e is None or not plan.data[e[0]]:
+                    ledger.absorbed.append(s)
+                    if e is not None and plan.reach[e[0]]:
+                        parameter_flow.add(e)
+                        _accumulate(store, e, r)
+                elif not plan.reach[e[0]]:
+                    ledger.unrequested.append(s)
+                else:
+                    _accumulate(store, e, r)
+            for slot, r in ctx.parameter.items():
+                e = kids[slot]
+                parameter_flow.add(e)
+                _accumulate(store, e, r)
+            if r_out_total is None:
+                r_out_total = torch.zeros((), dtype=seed.dtype, device=seed.device)
+            ledger.record(v, entry.family, in_total, r_out_total)
+        results, param_sums = [], {}
+        for i, e in enumerate(requested):
+            r = captured.get(e, store.get(e))
+            if r is None:
+                m = g.fns[e[0]]._input_metadata[e[1]]
+                r = torch.zeros(tuple(m.shape), dtype=seed.dtype, device=m.device)
+            results.append(r)
+            if is_param[i]:
+                param_sums[i] = r.sum()
+        processed = set(plan.order)
+        in_books = [
+            not p and e[0] not in processed for e, p in zip(requested, is_param, strict=True)
+        ]
+        input_sums = [r.sum() for r in results]
+        self.report = ledger.close(g.describe, seed.sum(), input_sums, in_books, param_sums)
+        self.report.promises = dict(Counter(s[0] for s in plan.promises.sources.values()))
+        return results
+
+
+def _accumulate(store: dict, e: Edge, r: Tensor) -> None:
+    old = store.get(e)
+    store[e] = r if old is None else old + r

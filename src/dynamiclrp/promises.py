@@ -1,0 +1,159 @@
+"""The Promise System: recovering forward values that autograd did not keep.
+
+Some rules need forward values their node did not save (the operands of ``a + b``, the input of a
+softmax).  The paper (sections 4.2, appendix C) resolves them with *promises*: the node needing
+values (the *origin*) opens one *promise branch* per missing operand; each branch walks down the
+graph to the nearest *arg node* whose output can be rebuilt from saved tensors, records the forward
+ops it passed (the *forward chain*), and replays them to rebuild the operand.  When a branch meets
+another multi-input op it opens a child promise, so promises form a *tree*.
+
+Here a branch is resolved by :class:`PromiseResolver`, with these arg nodes, tried in order:
+
+1. a leaf (``AccumulateGrad``): its variable;
+2. a node that saved its own output (``ReluBackward0._saved_result``, ...);
+3. any *consumer* of the value that saved it as an input (``MmBackward0._saved_self``,
+   ``NativeLayerNormBackward0._saved_input``, ...) — the residual stream of a pre-norm transformer
+   is found this way one step from the origin;
+4. otherwise the node's forward is replayed from its inputs' values, each recovered the same way:
+   the forward chain, and at multi-input nodes the promise tree.
+
+Relevance traversal and value recovery are decoupled: recovering a value never waits for relevance,
+so the deadlock of the paper's figure 2 (a branch stalled behind a node whose relevance is not
+complete, which Pre-Promises exist to break) cannot arise, and every node still has its relevance
+propagated exactly once, in topological order.  Each recovered value is computed once per run and
+shared by every branch that needs it (the paper's aggregation branches).  The walk is iterative, so
+chains of any length work.  Which source served each value is recorded in a :class:`PromisePlan`
+(structure only, no tensors) that a cached explainer reuses: the next run goes straight to the arg
+node without searching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .errors import ValueRecoveryError
+from .graph import Edge, Graph
+from .rules.base import OpEntry, ReplayContext
+
+LEAF, OWN_SAVED, CONSUMER_SAVED, REPLAY = "leaf", "own-saved", "consumer-saved", "replay"
+
+
+@dataclass
+class PromisePlan:
+    """How each recovered value was obtained: ``edge -> (kind, node, attribute)``.
+
+    ``kind`` is one of ``leaf``, ``own-saved``, ``consumer-saved`` (``node`` is the consumer that
+    saved it, ``attribute`` its ``_saved_*`` name) or ``replay`` (a forward chain step).
+    """
+
+    sources: dict[Edge, tuple[str, int, str]] = field(default_factory=dict)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for s in self.sources.values() if s[0] == kind)
+
+
+class PromiseResolver:
+    """Recovers forward values for one run; holds them only until the run ends."""
+
+    def __init__(self, graph: Graph, entries: list[OpEntry | None], plan: PromisePlan):
+        self.graph = graph
+        self.entries = entries
+        self.plan = plan
+        self.values: dict[Edge, Tensor] = {}
+
+    def value(self, edge: Edge) -> Tensor:
+        """The forward value of ``edge`` (node, output_nr)."""
+        v = self.values.get(edge)
+        if v is not None:
+            return v
+        stack = [edge]
+        while stack:
+            e = stack[-1]
+            if e in self.values:
+                stack.pop()
+                continue
+            v = self._direct(e)
+            if v is not None:
+                self.values[e] = v
+                stack.pop()
+                continue
+            missing = [
+                c for c in self.graph.children[e[0]] if c is not None and c not in self.values
+            ]
+            if missing:
+                stack.extend(missing)
+                continue
+            stack.pop()
+            self._replay(e)
+        return self.values[edge]
+
+    # -- arg nodes ----------------------------------------------------------------------------
+
+    def _direct(self, e: Edge) -> Tensor | None:
+        """The value of ``e`` from an arg node without replay, or ``None``."""
+        known = self.plan.sources.get(e)
+        if known is not None:
+            if known[0] == REPLAY:
+                return None
+            v = self._read(e, known)
+            if v is not None:
+                return v
+        for source in self._candidates(e):
+            v = self._read(e, source)
+            if v is not None:
+                self.plan.sources[e] = source
+                return v
+        entry = self.entries[e[0]]
+        if entry is None or entry.replay is None:
+            raise ValueRecoveryError(
+                f"Cannot recover the forward value of output {e[1]} of {self.graph.describe(e[0])}: "
+                "no node saved it and the op has no replay rule. A rule upstream needs this value "
+                "(a promise passed through here). Add a replay entry for this op to the op table, "
+                "or pass this tensor's producer as an explicit input."
+            )
+        self.plan.sources[e] = (REPLAY, e[0], "")
+        return None
+
+    def _candidates(self, e: Edge):
+        j, k = e
+        if self.graph.names[j] == "AccumulateGrad":
+            yield (LEAF, j, "variable")
+        entry = self.entries[j]
+        if entry is not None and k in entry.saved_outputs:
+            yield (OWN_SAVED, j, entry.saved_outputs[k])
+        for p, slot in self.graph.consumers.get(e, ()):
+            pe = self.entries[p]
+            if pe is not None and slot in pe.saved_inputs:
+                yield (CONSUMER_SAVED, p, pe.saved_inputs[slot])
+
+    def _read(self, e: Edge, source: tuple[str, int, str]) -> Tensor | None:
+        kind, node, attr = source
+        try:
+            return getattr(self.graph.fns[node], attr)
+        except RuntimeError as err:  # saved tensor freed or modified in place
+            raise ValueRecoveryError(
+                f"Reading {attr} of {self.graph.describe(node)} (to recover output {e[1]} of "
+                f"{self.graph.describe(e[0])}) failed: {err}. Explain a fresh forward pass whose "
+                "graph has not been freed by backward() and whose tensors were not modified in place."
+            ) from err
+
+    def _replay(self, e: Edge) -> None:
+        """Replay node ``e[0]``'s forward from its inputs' values (one forward-chain step)."""
+        j = e[0]
+        entry = self.entries[j]
+        inputs = [None if c is None else self.values[c] for c in self.graph.children[j]]
+        try:
+            outs = entry.replay(ReplayContext(self.graph.fns[j], inputs))
+        except Exception as err:
+            raise ValueRecoveryError(
+                f"Replaying the forward of {self.graph.describe(j)} to recover a value failed: {err}"
+            ) from err
+        for k, out in enumerate(outs):
+            if out is not None:
+                self.values.setdefault((j, k), out)
+        if e not in self.values:
+            raise ValueRecoveryError(
+                f"Replaying {self.graph.describe(j)} did not produce output {e[1]}."
+            )

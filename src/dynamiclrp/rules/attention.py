@@ -1,0 +1,158 @@
+"""Softmax, log-softmax and fused scaled-dot-product attention.
+
+Softmax ``s = softmax(x)`` (AttnLRP, Prop. 3.1): ``R_x = x * (R - s * sum(R))`` along the softmax
+dimension, with ``x`` the logits recovered through a promise.  Masked logits (``-inf``) get zero,
+never NaN (``-inf * 0``), whatever the mask's shape: nothing is assumed about causality.
+
+Log-softmax ``y = x - logsumexp(x)``, the same first-order rule normalised by the output:
+``R_x = x * (R / stab(y) - s * sum(R / stab(y)))`` with ``s = exp(y)``.
+
+Scaled-dot-product attention (every fused node: CPU flash, CUDA flash, efficient, cuDNN) is
+decomposed into its three steps and the rules above:
+``S = scale * q k^T + mask`` (bilinear uniform rule, the mask absorbs its share like a bias),
+``P = softmax(S)`` (softmax rule), ``O = P v`` (bilinear uniform rule).  Grouped-query attention
+(fewer key/value heads) is expanded for the computation and summed back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import OpEntry, RuleContext, saved
+from .linear import stabilize
+
+
+def softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int) -> Tensor:
+    """``x * (R - s * sum(R))`` with ``-inf`` logits contributing zero."""
+    out = x * (r - s * r.sum(dim, keepdim=True))
+    return torch.where(torch.isneginf(x), 0.0, out).to(out.dtype)
+
+
+def _softmax(ctx: RuleContext):
+    x = ctx.input_value(0)
+    s = ctx.fn._saved_result
+    return (softmax_relevance(x, s.to(x.dtype), ctx.r, saved(ctx.fn, "_saved_dim")),)
+
+
+def _log_softmax(ctx: RuleContext):
+    x = ctx.input_value(0)
+    y = ctx.fn._saved_result
+    g = ctx.r / stabilize(y, ctx.eps)
+    dim = saved(ctx.fn, "_saved_dim")
+    out = x * (g - y.exp() * g.sum(dim, keepdim=True))
+    return (torch.where(torch.isneginf(x), 0.0, out).to(out.dtype),)
+
+
+def _first(fn, *names):
+    for n in names:
+        if hasattr(fn, n):
+            return getattr(fn, n)
+    return None
+
+
+def sdpa_relevance(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    r: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Relevance of ``q, k, v`` for ``O = softmax(scale q k^T + mask) v`` (module docstring)."""
+    hq, hk = q.shape[-3] if q.dim() > 2 else 1, k.shape[-3] if k.dim() > 2 else 1
+    groups = hq // hk
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qk = (q @ k.transpose(-1, -2)) * scale
+    s_full = qk
+    lq, lk = q.shape[-2], k.shape[-2]
+    if is_causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        s_full = s_full.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s_full = s_full.masked_fill(~mask, float("-inf"))
+        else:
+            s_full = s_full + mask
+    p = torch.softmax(s_full, dim=-1)
+    # O = P v: uniform bilinear rule
+    g = r / stabilize(p @ v, eps)
+    r_p = 0.5 * p * (g @ v.transpose(-1, -2))
+    r_v = 0.5 * v * (p.transpose(-1, -2) @ g)
+    # P = softmax(S)
+    r_s = softmax_relevance(s_full, p, r_p, -1)
+    # S = scale q k^T + mask: uniform bilinear rule on the product, the mask absorbs its share
+    gs = torch.where(torch.isneginf(s_full), 0.0, r_s / stabilize(s_full, eps)) * scale
+    r_q = 0.5 * q * (gs @ k)
+    r_k = 0.5 * k * (gs.transpose(-1, -2) @ q)
+    if groups > 1:
+        shape = r_k.shape[:-3] + (hk, groups) + r_k.shape[-2:]
+        r_k = r_k.reshape(shape).sum(-3)
+        r_v = r_v.reshape(shape).sum(-3)
+    return r_q, r_k, r_v
+
+
+def _sdpa(ctx: RuleContext):
+    fn = ctx.fn
+    q, k, v = ctx.input_value(0), ctx.input_value(1), ctx.input_value(2)
+    mask = _first(fn, "_saved_attn_mask", "_saved_attn_bias")
+    is_causal = bool(_first(fn, "_saved_is_causal") or False)
+    scale = _first(fn, "_saved_scale")
+    dropout = _first(fn, "_saved_dropout_p") or 0.0
+    if dropout:
+        raise NotImplementedError(
+            f"{fn.name()} (node {ctx.idx}) ran with dropout_p={dropout}: attention dropout is "
+            "random and cannot be replayed. Explain the model in eval mode (model.eval())."
+        )
+    rq, rk, rv = sdpa_relevance(q, k, v, ctx.r, mask, is_causal, scale, ctx.eps)
+    return [rq, rk, rv] + [None] * (ctx.n_inputs() - 3)
+
+
+def _sdpa_entry() -> OpEntry:
+    return OpEntry(
+        "attention",
+        _sdpa,
+        saved_inputs={0: "_saved_query", 1: "_saved_key", 2: "_saved_value"},
+        saved_outputs={0: "_saved_output"},
+    )
+
+
+TABLE = {
+    "SoftmaxBackward0": OpEntry(
+        "softmax",
+        _softmax,
+        needs_values=True,
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.softmax(c.inputs[0], c.saved("_saved_dim")),),
+    ),
+    "SafeSoftmaxBackward0": OpEntry(
+        "softmax",
+        _softmax,
+        needs_values=True,
+        saved_outputs={0: "_saved_result"},
+    ),
+    "LogSoftmaxBackward0": OpEntry(
+        "softmax",
+        _log_softmax,
+        needs_values=True,
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.log_softmax(c.inputs[0], c.saved("_saved_dim")),),
+    ),
+    **{
+        n: _sdpa_entry()
+        for n in (
+            "ScaledDotProductFlashAttentionForCpuBackward0",
+            "ScaledDotProductFlashAttentionBackward0",
+            "ScaledDotProductEfficientAttentionBackward0",
+            "ScaledDotProductCudnnAttentionBackward0",
+            "ScaledDotProductFusedAttentionOverrideableBackward0",
+        )
+    },
+}

@@ -1,0 +1,144 @@
+"""What an op-table entry is, and what a rule sees when it runs.
+
+An :class:`OpEntry` answers, for one autograd node type, everything the engine needs to know:
+
+- ``family`` and ``rule``: the LRP formula, ``RuleContext -> relevance per input slot``;
+- ``needs_values``: whether the rule reads forward values that the node's own saved tensors may not
+  hold (then a *promise* recovers them, see :mod:`dynamiclrp.promises`);
+- ``saved_inputs`` / ``saved_outputs``: which ``_saved_*`` attributes hold which forward values, so a
+  node serves as an *arg node* for its inputs or output;
+- ``replay``: the forward computation of the node from its input values (the forward chain of a
+  promise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..presets import Rules
+
+Replay = Callable[["ReplayContext"], Sequence[Tensor]]
+Rule = Callable[["RuleContext"], Sequence[Tensor | None]]
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    """One row of the op table (see module docstring)."""
+
+    family: str
+    rule: Rule
+    needs_values: bool = False
+    saved_inputs: dict[int, str] = field(default_factory=dict)
+    saved_outputs: dict[int, str] = field(default_factory=dict)
+    replay: Replay | None = None
+
+
+_WRAP = 1 << 64
+
+
+def _signed(v):
+    """Autograd reports negative ``int64`` attributes (``dim=-1``) as unsigned: undo that."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1 << 63:
+        return v - _WRAP
+    if isinstance(v, tuple):
+        return tuple(_signed(u) for u in v)
+    return v
+
+
+def saved(fn, name: str):
+    """``fn._saved_<name>``, with negative dimensions restored (``saved(fn, "_saved_dim")``)."""
+    return _signed(getattr(fn, name))
+
+
+class ReplayContext:
+    """What a replay function sees: the node, its input values and its output metadata."""
+
+    __slots__ = ("fn", "inputs")
+
+    def __init__(self, fn, inputs: list[Tensor | None]):
+        self.fn = fn
+        self.inputs = inputs
+
+    def saved(self, name: str):
+        return saved(self.fn, name)
+
+    def out_shape(self, k: int = 0) -> torch.Size:
+        return torch.Size(self.fn._input_metadata[k].shape)
+
+    def out_dtype(self, k: int = 0) -> torch.dtype:
+        return self.fn._input_metadata[k].dtype
+
+
+class RuleContext:
+    """What a rule sees when it runs on one node.
+
+    Attributes
+    ----------
+    fn:
+        The autograd node.
+    relevance:
+        Relevance of each forward output of the node (zeros where none arrived).
+    data:
+        Per input slot: does a data source (not a parameter, buffer or constant) feed it?
+    wanted:
+        Per input slot: does the relevance of that slot lead to a requested input?
+    rules:
+        The :class:`~dynamiclrp.presets.Rules` in force.
+    """
+
+    __slots__ = ("fn", "relevance", "data", "wanted", "rules", "_engine", "idx", "parameter")
+
+    def __init__(self, engine, idx: int, fn, relevance, data, wanted, rules: Rules):
+        self._engine = engine
+        self.idx = idx
+        self.fn = fn
+        self.relevance = relevance
+        self.data = data
+        self.wanted = wanted
+        self.rules = rules
+        self.parameter: dict[int, Tensor] = {}
+
+    @property
+    def r(self) -> Tensor:
+        """Relevance of the (first) forward output."""
+        return self.relevance[0]
+
+    @property
+    def eps(self) -> float:
+        return self.rules.eps
+
+    def saved(self, name: str):
+        return saved(self.fn, name)
+
+    def input_value(self, slot: int) -> Tensor:
+        """Forward value of input ``slot``: read from saved tensors or recovered by a promise."""
+        return self._engine.input_value(self.idx, slot)
+
+    def output_value(self, k: int = 0) -> Tensor:
+        """Forward value of output ``k`` of this node, recovered like an input value."""
+        return self._engine.output_value(self.idx, k)
+
+    def input_shape(self, slot: int) -> torch.Size:
+        """Shape of input ``slot`` (from autograd's metadata, no value needed)."""
+        return self._engine.input_shape(self.idx, slot)
+
+    def n_inputs(self) -> int:
+        return len(self.data)
+
+    def layer_rule(self, family: str, *tensors: Tensor):
+        """The rule for ``family`` here, honouring per-layer overrides keyed on ``tensors``."""
+        return self.rules.rule_for(family, tensors)
+
+
+def sum_to_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """Undo broadcasting: sum ``t`` down to ``shape`` (what the gradient of a broadcast does)."""
+    shape = torch.Size(shape)
+    if t.shape == shape:
+        return t
+    return t.sum_to_size(shape) if len(shape) else t.sum()

@@ -1,0 +1,181 @@
+"""Contraction ops: ``mm``, ``addmm``, ``bmm``, ``baddbmm``, convolutions (any dimension, stride,
+padding, dilation, groups, transposed).
+
+- One data operand and one constant (a weight): the preset's contraction rule (epsilon by default,
+  see :mod:`.linear`) with ``z`` the full output including the bias, which absorbs its share.
+  The weight's own relevance ``R_w = w * J_w^T (R / stab(z))`` is computed only when the weight
+  was requested.
+- Two data operands (``q @ k^T``, ``attention @ v``): the uniform bilinear rule, half to each.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..errors import ValueRecoveryError
+from .base import OpEntry, RuleContext, saved, sum_to_shape
+from .linear import (
+    LinearMap,
+    bilinear_uniform,
+    convolution_map,
+    matmul_map,
+    parameter_epsilon,
+)
+
+
+def _swap(m: LinearMap) -> LinearMap:
+    """The same contraction with the operands' roles exchanged."""
+    return LinearMap(
+        forward=lambda x, w: m.forward(w, x),
+        vjp_x=lambda g, x, w: m.vjp_w(g, w, x),
+        vjp_w=lambda g, x, w: m.vjp_x(g, w, x),
+    )
+
+
+def _scaled(m: LinearMap, alpha) -> LinearMap:
+    if alpha == 1:
+        return m
+    return LinearMap(
+        forward=lambda x, w: alpha * m.forward(x, w),
+        vjp_x=lambda g, x, w: m.vjp_x(alpha * g, x, w),
+        vjp_w=lambda g, x, w: m.vjp_w(alpha * g, x, w),
+    )
+
+
+def _frozen_bias(ctx: RuleContext, product: Tensor) -> Tensor:
+    """Bias of a layer whose bias did not require grad: ``b = z - product`` from the output value."""
+    try:
+        return ctx.output_value(0) - product
+    except ValueRecoveryError as err:
+        raise ValueRecoveryError(
+            f"{ctx.fn.name()} (node {ctx.idx}): its bias does not require grad, so autograd kept "
+            "neither the bias nor the layer's output, and the rule needs the full output z. Keep "
+            "the model's parameters requiring grad during the forward pass you explain (the "
+            "default; do not call model.requires_grad_(False))."
+        ) from err
+
+
+def contract(
+    ctx: RuleContext,
+    m: LinearMap,
+    kind: str,
+    slots: tuple[int, int],
+    bias_slot: int | None,
+    bias_fn=None,
+):
+    """Apply the contraction rules to ``z = m(a, b) + bias`` where ``a, b`` sit in ``slots``."""
+    sa, sb = slots
+    a, b = ctx.input_value(sa), ctx.input_value(sb)
+    outs: list[Tensor | None] = [None] * ctx.n_inputs()
+    bias = None
+    if bias_fn is not None:
+        bias = bias_fn(ctx, a, b, m)
+    if ctx.data[sa] and ctx.data[sb]:
+        outs[sa], outs[sb] = bilinear_uniform(m, a, b, ctx.r, ctx.eps)
+        return outs
+    if ctx.data[sb] and not ctx.data[sa]:
+        (sx, x), (sw, w), mm = (sb, b), (sa, a), _swap(m)
+    else:
+        (sx, x), (sw, w), mm = (sa, a), (sb, b), m
+    rule = ctx.layer_rule(kind, w)
+    res = rule(mm, x, w, bias, ctx.r, ctx.eps)
+    outs[sx] = res.x
+    if bias_slot is not None and res.bias is not None and ctx.fn.next_functions[bias_slot][0]:
+        outs[bias_slot] = sum_to_shape(res.bias, ctx.input_shape(bias_slot))
+    if ctx.wanted[sw]:
+        ctx.parameter[sw] = parameter_epsilon(mm, x, w, bias, ctx.r, ctx.eps)
+    return outs
+
+
+def _addmm_bias(beta_attr: str, a_slot: int):
+    def bias(ctx: RuleContext, a, b, m):
+        beta = getattr(ctx.fn, beta_attr, 1)
+        if ctx.fn.next_functions[0][0] is None:
+            return _frozen_bias(ctx, m.forward(a, b))
+        v = ctx.input_value(0)
+        return (v if beta == 1 else beta * v).expand(ctx.r.shape)
+
+    return bias
+
+
+def _conv_bias(ctx: RuleContext, a, b, m):
+    sizes = getattr(ctx.fn, "_saved_bias_sym_sizes_opt", None)
+    if ctx.fn.next_functions[2][0] is None:
+        if not sizes:
+            return None
+        return _frozen_bias(ctx, m.forward(a, b))
+    v = ctx.input_value(2)
+    return v.view(1, -1, *([1] * (ctx.r.dim() - 2))).expand(ctx.r.shape)
+
+
+def _conv_map(fn) -> LinearMap:
+    return convolution_map(
+        tuple(saved(fn, "_saved_stride")),
+        tuple(saved(fn, "_saved_padding")),
+        tuple(fn._saved_dilation),
+        bool(fn._saved_transposed),
+        tuple(fn._saved_output_padding),
+        int(fn._saved_groups),
+    )
+
+
+def _mm_rule(ctx: RuleContext):
+    return contract(ctx, matmul_map(), "dense", (0, 1), None)
+
+
+def _addmm_rule(ctx: RuleContext):
+    m = _scaled(matmul_map(), getattr(ctx.fn, "_saved_alpha", 1))
+    return contract(ctx, m, "dense", (1, 2), 0, _addmm_bias("_saved_beta", 1))
+
+
+def _conv_rule(ctx: RuleContext):
+    return contract(ctx, _conv_map(ctx.fn), "conv", (0, 1), 2, _conv_bias)
+
+
+def _conv_replay(c):
+    fn = c.fn
+    x, w = c.inputs[0], c.inputs[1]
+    z = _conv_map(fn).forward(x, w)
+    if c.inputs[2] is not None:
+        z = z + c.inputs[2].view(1, -1, *([1] * (z.dim() - 2)))
+    return (z,)
+
+
+TABLE = {
+    "MmBackward0": OpEntry(
+        "contraction",
+        _mm_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
+        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
+    ),
+    "BmmBackward0": OpEntry(
+        "contraction",
+        _mm_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
+        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
+    ),
+    "AddmmBackward0": OpEntry(
+        "contraction",
+        _addmm_rule,
+        saved_inputs={1: "_saved_mat1", 2: "_saved_mat2"},
+        replay=lambda c: (
+            c.saved("_saved_beta") * c.inputs[0]
+            + c.saved("_saved_alpha") * (c.inputs[1] @ c.inputs[2]),
+        ),
+    ),
+    "BaddbmmBackward0": OpEntry(
+        "contraction",
+        _addmm_rule,
+        saved_inputs={1: "_saved_batch1", 2: "_saved_batch2"},
+        replay=lambda c: (
+            c.saved("_saved_beta") * c.inputs[0]
+            + c.saved("_saved_alpha") * (c.inputs[1] @ c.inputs[2]),
+        ),
+    ),
+    "ConvolutionBackward0": OpEntry(
+        "contraction",
+        _conv_rule,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_conv_replay,
+    ),
+}

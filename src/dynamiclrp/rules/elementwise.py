@@ -1,0 +1,196 @@
+"""Element-wise ops: binary (add, sub, mul, div) and unary (activations and friends).
+
+Binary, with broadcasting (``sum_to_shape`` undoes it, as the gradient does):
+
+- ``add`` / ``sub``, preset ``add="proportional"`` (the paper's eq. 4):
+  ``R_a = R |a| / (|a| + |b|)``, ``R_b = R |b| / (|a| + |b|)``, where ``b`` is the term as added
+  (``alpha * b``, ``-alpha * b`` for sub); where ``|a| + |b| = 0`` nothing is passed on.
+  ``add="signed"``: ``R_a = R a / stab(a + b)``.  A constant operand (bias, buffer) absorbs its share.
+  Adding a Python scalar is an element-wise shift of one operand: identity rule.
+- ``mul`` / ``div`` of two data operands: uniform rule, ``R_a = R_b = R / 2`` (AttnLRP).  An operand
+  broadcast over dimensions the other spans (a per-row statistic such as ``rsqrt(var)``) counts as
+  constant, so all relevance goes to the full-shape operand (AttnLRP's identity rule for normalisers
+  written out of primitives).  Times a constant: ``R_x = R``.
+
+Unary (relu, gelu, silu, sigmoid, tanh, exp, log, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
+identity rule, ``R_in = R_out``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import OpEntry, ReplayContext, RuleContext, saved, sum_to_shape
+from .linear import stabilize
+
+
+def identity(ctx: RuleContext):
+    """``R_in = R_out``."""
+    return (ctx.r,)
+
+
+def _operand(c: ReplayContext, slot: int, attr: str) -> Tensor:
+    v = c.inputs[slot]
+    return c.saved(attr) if v is None else v
+
+
+def _alpha(ctx) -> float:
+    a = saved(ctx.fn, "_saved_alpha") if hasattr(ctx.fn, "_saved_alpha") else 1
+    return 1 if a is None else a
+
+
+def _terms(ctx: RuleContext, sign: float):
+    """The two summands as they enter the output: ``a`` and ``sign * alpha * b``."""
+    alpha = sign * _alpha(ctx)
+    if ctx.fn.next_functions[1][0] is None:  # constant operand not in the graph: b = (out - a)
+        a = ctx.input_value(0)
+        return a, ctx.output_value(0) - a
+    if ctx.fn.next_functions[0][0] is None:
+        b = alpha * ctx.input_value(1)
+        return ctx.output_value(0) - b, b
+    return ctx.input_value(0), alpha * ctx.input_value(1)
+
+
+def _split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
+    """Split ``R`` of ``sum(terms)`` over the terms (proportional to |term|, or signed epsilon)."""
+    r = ctx.r
+    if mode == "proportional":
+        mags = [t.abs() for t in terms]
+        den = mags[0]
+        for m in mags[1:]:
+            den = den + m
+        g = torch.where(den > 0, r / torch.where(den > 0, den, 1), 0)
+        return [m * g for m in mags]
+    z = terms[0]
+    for t in terms[1:]:
+        z = z + t
+    g = r / stabilize(z, ctx.eps)
+    return [t * g for t in terms]
+
+
+def add_rule(sign: float):
+    def rule(ctx: RuleContext):
+        a, b = _terms(ctx, sign)
+        ra, rb = _split_sum(ctx, [a, b], ctx.rules.add)
+        outs = [None, None]
+        for slot, rel in ((0, ra), (1, rb)):
+            if ctx.fn.next_functions[slot][0] is not None:
+                outs[slot] = sum_to_shape(rel, ctx.input_shape(slot))
+        return outs
+
+    rule.__doc__ = "Add/sub: split R over the summands (``Rules.add``)."
+    return rule
+
+
+def product_rule(ctx: RuleContext):
+    """Mul/div: uniform between two full-shape data operands, else all to the full-shape data one."""
+    present = [s for s in (0, 1) if ctx.fn.next_functions[s][0] is not None]
+    receivers = [s for s in present if ctx.data[s]] or present
+    if len(receivers) == 2:
+        n_out = ctx.r.numel()
+        full = [s for s in receivers if math.prod(ctx.input_shape(s)) == n_out]
+        if len(full) == 1:  # the other is broadcast over dims this one spans: a statistic
+            receivers = full
+    share = ctx.r if len(receivers) == 1 else ctx.r * 0.5
+    outs = [None, None]
+    for s in receivers:
+        outs[s] = sum_to_shape(share, ctx.input_shape(s))
+    return outs
+
+
+def _unary(replay=None, saved_inputs=None, saved_outputs=None) -> OpEntry:
+    return OpEntry(
+        "elementwise-unary",
+        identity,
+        replay=replay,
+        saved_inputs=saved_inputs or {},
+        saved_outputs=saved_outputs or {},
+    )
+
+
+def _self_op(fn):
+    """A unary op with ``_saved_self``: the node is an arg node for its input, replay is ``fn``."""
+    return _unary(lambda c: (fn(c, c.inputs[0]),), saved_inputs={0: "_saved_self"})
+
+
+def _result_op(replay):
+    """A unary op that saved its result: an arg node for its own output."""
+    return _unary(replay, saved_outputs={0: "_saved_result"})
+
+
+TABLE = {
+    "AddBackward0": OpEntry(
+        "elementwise-binary",
+        add_rule(1.0),
+        needs_values=True,
+        replay=lambda c: (c.inputs[0] + _alpha(c) * c.inputs[1],),
+    ),
+    "SubBackward0": OpEntry(
+        "elementwise-binary",
+        add_rule(-1.0),
+        needs_values=True,
+        replay=lambda c: (c.inputs[0] - _alpha(c) * c.inputs[1],),
+    ),
+    "MulBackward0": OpEntry(
+        "elementwise-binary",
+        product_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (_operand(c, 0, "_saved_self") * _operand(c, 1, "_saved_other"),),
+    ),
+    "DivBackward0": OpEntry(
+        "elementwise-binary",
+        product_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (_operand(c, 0, "_saved_self") / _operand(c, 1, "_saved_other"),),
+    ),
+    # a Python scalar operand: an element-wise map of one tensor
+    "AddBackward1": _unary(),
+    "SubBackward1": _unary(),
+    "RsubBackward1": _unary(),
+    "MulBackward1": _unary(lambda c: (c.inputs[0] * c.saved("_saved_other"),)),
+    "DivBackward1": _unary(lambda c: (c.inputs[0] / c.saved("_saved_other"),)),
+    "NegBackward0": _unary(lambda c: (-c.inputs[0],)),
+    "ReluBackward0": _result_op(lambda c: (torch.relu(c.inputs[0]),)),
+    "SigmoidBackward0": _result_op(lambda c: (torch.sigmoid(c.inputs[0]),)),
+    "TanhBackward0": _result_op(lambda c: (torch.tanh(c.inputs[0]),)),
+    "ExpBackward0": _result_op(lambda c: (torch.exp(c.inputs[0]),)),
+    "SqrtBackward0": _result_op(lambda c: (torch.sqrt(c.inputs[0]),)),
+    "RsqrtBackward0": _result_op(lambda c: (torch.rsqrt(c.inputs[0]),)),
+    "ReciprocalBackward0": _result_op(lambda c: (torch.reciprocal(c.inputs[0]),)),
+    "GeluBackward0": _self_op(lambda c, x: F.gelu(x, approximate=c.saved("_saved_approximate"))),
+    "SiluBackward0": _self_op(lambda c, x: F.silu(x)),
+    "MishBackward0": _self_op(lambda c, x: F.mish(x)),
+    "HardswishBackward0": _self_op(lambda c, x: F.hardswish(x)),
+    "HardsigmoidBackward0": _self_op(lambda c, x: F.hardsigmoid(x)),
+    "ErfBackward0": _self_op(lambda c, x: torch.erf(x)),
+    "LogBackward0": _self_op(lambda c, x: torch.log(x)),
+    "AbsBackward0": _self_op(lambda c, x: torch.abs(x)),
+    "SinBackward0": _self_op(lambda c, x: torch.sin(x)),
+    "CosBackward0": _self_op(lambda c, x: torch.cos(x)),
+    "PowBackward0": _self_op(lambda c, x: torch.pow(x, c.saved("_saved_exponent"))),
+    "LeakyReluBackward0": _self_op(lambda c, x: F.leaky_relu(x, c.saved("_saved_negative_slope"))),
+    "EluBackward0": _self_op(
+        lambda c, x: (
+            c.saved("_saved_scale")
+            * torch.where(
+                x > 0, x, c.saved("_saved_alpha") * torch.expm1(x * c.saved("_saved_input_scale"))
+            )
+        )
+    ),
+    "SoftplusBackward0": _self_op(
+        lambda c, x: F.softplus(x, c.saved("_saved_beta"), c.saved("_saved_threshold"))
+    ),
+    "ClampBackward1": _self_op(
+        lambda c, x: torch.clamp(x, c.saved("_saved_min"), c.saved("_saved_max"))
+    ),
+    "ClampMinBackward0": _self_op(lambda c, x: torch.clamp(x, min=c.saved("_saved_min"))),
+    "ClampMaxBackward0": _self_op(lambda c, x: torch.clamp(x, max=c.saved("_saved_max"))),
+    "HardtanhBackward0": _self_op(
+        lambda c, x: F.hardtanh(x, c.saved("_saved_min_val"), c.saved("_saved_max_val"))
+    ),
+    "NativeDropoutBackward0": _unary(),  # training-mode dropout: the mask is not a value source
+}

@@ -1,0 +1,109 @@
+"""Native normalisation ops: LayerNorm, GroupNorm, BatchNorm (eval and train).
+
+The statistic (mean, standard deviation) is held constant, which leaves a linear map: centring
+followed by a per-feature affine map, ``y = J x + b`` with ``J x = (x - mean(x)) * w / sigma``.
+The epsilon rule on that map: ``R_x = x * J^T (R / stab(y))``; the bias absorbs ``b * R / stab(y)``.
+Because ``J`` is linear, ``sum(R_x) = sum((y - b) * R / stab(y))``: conservative up to the bias and
+the stabiliser.  BatchNorm in eval mode uses its running statistics and has no centring term.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import OpEntry, RuleContext, sum_to_shape
+from .linear import stabilize
+
+
+def _bias_out(ctx: RuleContext, slot: int, rb):
+    if rb is None or ctx.fn.next_functions[slot][0] is None:
+        return None
+    return sum_to_shape(rb, ctx.input_shape(slot))
+
+
+def _layer_norm(ctx: RuleContext):
+    fn = ctx.fn
+    x = fn._saved_input
+    w, b = fn._saved_weight, fn._saved_bias
+    mean, rstd = fn._saved_result1, fn._saved_result2
+    dims = tuple(range(x.dim() - len(fn._saved_normalized_shape), x.dim()))
+    scale = rstd if w is None else rstd * w
+    y = (x - mean) * scale
+    if b is not None:
+        y = y + b
+    g = ctx.r / stabilize(y, ctx.eps) * scale
+    rx = x * (g - g.mean(dims, keepdim=True))
+    return [rx, None, _bias_out(ctx, 2, None if b is None else b * ctx.r / stabilize(y, ctx.eps))]
+
+
+def _group_norm(ctx: RuleContext):
+    fn = ctx.fn
+    x = fn._saved_input
+    n, c, groups = fn._saved_N, fn._saved_C, fn._saved_group
+    w = fn._saved_weight
+    b = ctx.input_value(2) if fn.next_functions[2][0] is not None else None
+    shape = x.shape
+    xg = x.reshape(n, groups, -1)
+    mean = fn._saved_result1.reshape(n, groups, 1)
+    rstd = fn._saved_result2.reshape(n, groups, 1)
+    per_channel = [1, c] + [1] * (x.dim() - 2)
+    wv = (
+        torch.ones(per_channel, dtype=x.dtype, device=x.device)
+        if w is None
+        else w.view(per_channel)
+    )
+    xhat = ((xg - mean) * rstd).reshape(shape)
+    y = xhat * wv if b is None else xhat * wv + b.view(per_channel)
+    gy = ctx.r / stabilize(y, ctx.eps)
+    g = (gy * wv).reshape(n, groups, -1) * rstd
+    rx = (xg * (g - g.mean(-1, keepdim=True))).reshape(shape)
+    rb = None if b is None else b.view(per_channel) * gy
+    return [rx, None, _bias_out(ctx, 2, rb)]
+
+
+def _batch_norm(ctx: RuleContext):
+    fn = ctx.fn
+    x = fn._saved_input
+    c = x.shape[1]
+    per_channel = [1, c] + [1] * (x.dim() - 2)
+    w = fn._saved_weight
+    b = ctx.input_value(2) if fn.next_functions[2][0] is not None else None
+    if fn._saved_training:
+        mean, invstd = fn._saved_result1, fn._saved_result2
+    else:
+        mean = fn._saved_running_mean
+        invstd = torch.rsqrt(fn._saved_running_var + fn._saved_eps)
+    scale = invstd.view(per_channel)
+    if w is not None:
+        scale = scale * w.view(per_channel)
+    y = (x - mean.view(per_channel)) * scale
+    if b is not None:
+        y = y + b.view(per_channel)
+    gy = ctx.r / stabilize(y, ctx.eps)
+    g = gy * scale
+    if fn._saved_training:  # batch statistics: the centring is part of the linear map
+        dims = [0] + list(range(2, x.dim()))
+        rx = x * (g - g.mean(dims, keepdim=True))
+        # the constant running mean is not subtracted from x: the centre is absorbed like a bias
+    else:
+        rx = x * g  # running mean is a constant shift: it absorbs its share, like a bias
+    rb = None if b is None else b.view(per_channel) * gy
+    return [rx, None, _bias_out(ctx, 2, rb)]
+
+
+TABLE = {
+    "NativeLayerNormBackward0": OpEntry(
+        "normalisation",
+        _layer_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight", 2: "_saved_bias"},
+    ),
+    "NativeGroupNormBackward0": OpEntry(
+        "normalisation", _group_norm, saved_inputs={0: "_saved_input", 1: "_saved_weight"}
+    ),
+    "NativeBatchNormBackward0": OpEntry(
+        "normalisation", _batch_norm, saved_inputs={0: "_saved_input", 1: "_saved_weight"}
+    ),
+    "CudnnBatchNormBackward0": OpEntry(
+        "normalisation", _batch_norm, saved_inputs={0: "_saved_input", 1: "_saved_weight"}
+    ),
+}

@@ -1,0 +1,178 @@
+"""Shape, index and copy ops: relevance is routed exactly as the gradient is.
+
+For an op that only moves, copies, selects or duplicates elements, every output element is one
+input element (times 1), so ``R_in = J^T R_out``: the node's own backward, called on the relevance,
+routes it (summing where one element fed several outputs; zero for elements replaced by constants,
+which absorb that relevance).  Max-type reductions and max-pooling route to the winner the same way
+("winner takes all").  Each entry also says how to replay the op forward for promise chains.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import OpEntry, ReplayContext, RuleContext
+
+
+def route_like_gradient(ctx: RuleContext):
+    """``R_in = J^T R_out`` computed by the node's own backward."""
+    out = ctx.fn(*ctx.relevance)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _reshape(c: ReplayContext):
+    return (c.inputs[0].reshape(c.out_shape()),)
+
+
+def _slice(c: ReplayContext):
+    x = c.inputs[0]
+    idx = [slice(None)] * x.dim()
+    idx[c.saved("_saved_dim")] = slice(
+        c.saved("_saved_start"), c.saved("_saved_end"), c.saved("_saved_step")
+    )
+    return (x[tuple(idx)],)
+
+
+def _split(c: ReplayContext):
+    x, dim = c.inputs[0], c.saved("_saved_dim")
+    sizes = getattr(c.fn, "_saved_split_sizes", None)
+    if sizes is None:
+        return torch.split(x, c.saved("_saved_split_size"), dim)
+    return torch.split(x, list(sizes), dim)
+
+
+def _routing(replay=None, saved_inputs=None, saved_outputs=None) -> OpEntry:
+    return OpEntry(
+        "routing",
+        route_like_gradient,
+        replay=replay,
+        saved_inputs=saved_inputs or {},
+        saved_outputs=saved_outputs or {},
+    )
+
+
+def _pool_replay(fn):
+    return lambda c: (fn(c),)
+
+
+TABLE = {
+    # pure reshapes: replay = reshape to the recorded output shape
+    **{
+        n: _routing(_reshape)
+        for n in (
+            "ViewBackward0",
+            "ReshapeAliasBackward0",
+            "UnsafeViewBackward0",
+            "AliasBackward0",
+            "SqueezeBackward0",
+            "SqueezeBackward1",
+            "SqueezeBackward2",
+            "UnsqueezeBackward0",
+        )
+    },
+    "ExpandBackward0": _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)),
+    "TransposeBackward0": _routing(
+        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),)
+    ),
+    "TransposeBackward1": _routing(
+        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),)
+    ),
+    "TBackward0": _routing(lambda c: (c.inputs[0].t(),)),
+    "PermuteBackward0": _routing(lambda c: (c.inputs[0].permute(c.saved("_saved_dims")),)),
+    "RepeatBackward0": _routing(lambda c: (c.inputs[0].repeat(c.saved("_saved_repeats")),)),
+    "SelectBackward0": _routing(
+        lambda c: (c.inputs[0].select(c.saved("_saved_dim"), c.saved("_saved_index")),)
+    ),
+    "SliceBackward0": _routing(_slice),
+    "IndexBackward0": _routing(lambda c: (c.inputs[0][tuple(c.saved("_saved_indices"))],)),
+    "IndexSelectBackward0": _routing(
+        lambda c: (torch.index_select(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_index")),)
+    ),
+    "GatherBackward0": _routing(
+        lambda c: (torch.gather(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_index")),),
+        saved_inputs={0: "_saved_self"},
+    ),
+    "CatBackward0": _routing(lambda c: (torch.cat(c.inputs, c.saved("_saved_dim")),)),
+    "StackBackward0": _routing(lambda c: (torch.stack(c.inputs, c.saved("_saved_dim")),)),
+    "SplitBackward0": _routing(_split),
+    "SplitWithSizesBackward0": _routing(_split),
+    "UnsafeSplitBackward0": _routing(_split),
+    "UnbindBackward0": _routing(lambda c: torch.unbind(c.inputs[0], c.saved("_saved_dim"))),
+    "CloneBackward0": _routing(lambda c: (c.inputs[0],)),
+    "ToCopyBackward0": _routing(lambda c: (c.inputs[0].to(c.out_dtype()),)),
+    "ConstantPadNdBackward0": _routing(
+        lambda c: (torch.nn.functional.pad(c.inputs[0], c.saved("_saved_pad")),)
+    ),
+    "FlipBackward0": _routing(lambda c: (c.inputs[0].flip(c.saved("_saved_dims")),)),
+    "RollBackward0": _routing(
+        lambda c: (c.inputs[0].roll(c.saved("_saved_shifts"), c.saved("_saved_dims")),)
+    ),
+    "MaskedFillBackward0": _routing(),  # the fill value is not saved: no replay
+    "WhereBackward0": _routing(
+        lambda c: (torch.where(c.saved("_saved_condition"), c.inputs[0], c.inputs[1]),)
+    ),
+    "TrilBackward0": _routing(lambda c: (c.inputs[0].tril(c.saved("_saved_diagonal")),)),
+    "TriuBackward0": _routing(lambda c: (c.inputs[0].triu(c.saved("_saved_diagonal")),)),
+    "DiagonalBackward0": _routing(
+        lambda c: (
+            c.inputs[0].diagonal(
+                c.saved("_saved_offset"), c.saved("_saved_dim1"), c.saved("_saved_dim2")
+            ),
+        )
+    ),
+    "CopySlices": _routing(),
+    "AsStridedBackward0": _routing(),
+    "UnfoldBackward0": _routing(
+        lambda c: (
+            c.inputs[0].unfold(
+                c.saved("_saved_dimension"), c.saved("_saved_size"), c.saved("_saved_step")
+            ),
+        )
+    ),
+    # winner takes all: the gradient of a max routes to the arg-max
+    "MaxPool2DWithIndicesBackward0": _routing(
+        _pool_replay(
+            lambda c: torch.nn.functional.max_pool2d(
+                c.inputs[0],
+                c.saved("_saved_kernel_size"),
+                c.saved("_saved_stride"),
+                c.saved("_saved_padding"),
+                c.saved("_saved_dilation"),
+                c.saved("_saved_ceil_mode"),
+            )
+        ),
+        saved_inputs={0: "_saved_self"},
+    ),
+    "MaxPool3DWithIndicesBackward0": _routing(
+        _pool_replay(
+            lambda c: torch.nn.functional.max_pool3d(
+                c.inputs[0],
+                c.saved("_saved_kernel_size"),
+                c.saved("_saved_stride"),
+                c.saved("_saved_padding"),
+                c.saved("_saved_dilation"),
+                c.saved("_saved_ceil_mode"),
+            )
+        ),
+        saved_inputs={0: "_saved_self"},
+    ),
+    "AdaptiveMaxPool2DBackward0": _routing(
+        _pool_replay(
+            lambda c: torch.nn.functional.adaptive_max_pool2d(c.inputs[0], c.out_shape()[-2:])
+        ),
+        saved_inputs={0: "_saved_self"},
+    ),
+    "MaxBackward0": _routing(
+        lambda c: torch.max(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_keepdim"))[:1]
+    ),
+    "MaxBackward1": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
+    "MinBackward1": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
+    "AmaxBackward0": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
+    "AminBackward0": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
+    "TopkBackward0": _routing(),
+    "SortBackward0": _routing(),
+    "EmbeddingBackward0": _routing(),
+    "UpsampleNearest2DBackward0": _routing(
+        lambda c: (torch.nn.functional.interpolate(c.inputs[0], size=c.out_shape()[-2:]),)
+    ),
+}
