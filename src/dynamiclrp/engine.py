@@ -192,7 +192,7 @@ class _Run:
         entry = self.plan.entries[idx]
         attr = entry.saved_inputs.get(slot) if entry is not None else None
         if attr is not None:
-            v = getattr(self.graph.fns[idx], attr)
+            v = self.resolver.read_saved(idx, attr)
             if v is not None:
                 return v
         edge = self.graph.children[idx][slot]

@@ -129,14 +129,18 @@ class PromiseResolver:
                 yield (CONSUMER_SAVED, p, pe.saved_inputs[slot])
 
     def _read(self, e: Edge, source: tuple[str, int, str]) -> Tensor | None:
-        kind, node, attr = source
+        return self.read_saved(source[1], source[2])
+
+    def read_saved(self, node: int, attr: str) -> Tensor | None:
+        """``fn._saved_*`` of ``node``, failing loudly if autograd already freed it."""
         try:
             return getattr(self.graph.fns[node], attr)
-        except RuntimeError as err:  # saved tensor freed or modified in place
+        except RuntimeError as err:  # saved tensor freed by backward() or modified in place
             raise ValueRecoveryError(
-                f"Reading {attr} of {self.graph.describe(node)} (to recover output {e[1]} of "
-                f"{self.graph.describe(e[0])}) failed: {err}. Explain a fresh forward pass whose "
-                "graph has not been freed by backward() and whose tensors were not modified in place."
+                f"Reading {attr} of {self.graph.describe(node)} failed: the graph's saved tensors "
+                "were freed (backward() or autograd.grad() ran on this output without "
+                "retain_graph=True) or modified in place. Explain a fresh forward pass, or keep "
+                f"the graph with retain_graph=True. PyTorch said: {err}"
             ) from err
 
     def _replay(self, e: Edge) -> None:

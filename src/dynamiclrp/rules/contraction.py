@@ -81,7 +81,11 @@ def contract(
     res = rule(mm, x, w, bias, ctx.r, ctx.eps)
     outs[sx] = res.x
     if bias_slot is not None and res.bias is not None and ctx.fn.next_functions[bias_slot][0]:
-        outs[bias_slot] = sum_to_shape(res.bias, ctx.input_shape(bias_slot))
+        if kind == "conv":  # the bias is per channel, dimension 1
+            rb = res.bias.sum([d for d in range(res.bias.dim()) if d != 1])
+        else:
+            rb = sum_to_shape(res.bias, ctx.input_shape(bias_slot))
+        outs[bias_slot] = rb
     if ctx.wanted[sw]:
         ctx.parameter[sw] = parameter_epsilon(mm, x, w, bias, ctx.r, ctx.eps)
     return outs

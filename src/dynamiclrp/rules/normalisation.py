@@ -15,9 +15,12 @@ from .base import OpEntry, RuleContext, sum_to_shape
 from .linear import stabilize
 
 
-def _bias_out(ctx: RuleContext, slot: int, rb):
+def _bias_out(ctx: RuleContext, slot: int, rb, per_channel: bool = False):
+    """The bias's share, summed to the bias's shape (per channel = dimension 1 for batch/group norm)."""
     if rb is None or ctx.fn.next_functions[slot][0] is None:
         return None
+    if per_channel:
+        return rb.sum([d for d in range(rb.dim()) if d != 1])
     return sum_to_shape(rb, ctx.input_shape(slot))
 
 
@@ -58,7 +61,7 @@ def _group_norm(ctx: RuleContext):
     g = (gy * wv).reshape(n, groups, -1) * rstd
     rx = (xg * (g - g.mean(-1, keepdim=True))).reshape(shape)
     rb = None if b is None else b.view(per_channel) * gy
-    return [rx, None, _bias_out(ctx, 2, rb)]
+    return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
 
 
 def _batch_norm(ctx: RuleContext):
@@ -88,7 +91,30 @@ def _batch_norm(ctx: RuleContext):
     else:
         rx = x * g  # running mean is a constant shift: it absorbs its share, like a bias
     rb = None if b is None else b.view(per_channel) * gy
-    return [rx, None, _bias_out(ctx, 2, rb)]
+    return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
+
+
+def _bn_replay(c):
+    fn = c.fn
+    x, w, b = c.inputs[0], c.inputs[1], c.inputs[2]
+    per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if fn._saved_training:
+        mean, invstd = fn._saved_result1, fn._saved_result2
+    else:
+        mean = fn._saved_running_mean
+        invstd = torch.rsqrt(fn._saved_running_var + fn._saved_eps)
+    y = (x - mean.view(per_channel)) * invstd.view(per_channel)
+    if w is not None:
+        y = y * w.view(per_channel)
+    return (y if b is None else y + b.view(per_channel),)
+
+
+def _ln_replay(c):
+    fn = c.fn
+    y = (c.inputs[0] - fn._saved_result1) * fn._saved_result2
+    if c.inputs[1] is not None:
+        y = y * c.inputs[1]
+    return (y if c.inputs[2] is None else y + c.inputs[2],)
 
 
 TABLE = {
@@ -101,9 +127,15 @@ TABLE = {
         "normalisation", _group_norm, saved_inputs={0: "_saved_input", 1: "_saved_weight"}
     ),
     "NativeBatchNormBackward0": OpEntry(
-        "normalisation", _batch_norm, saved_inputs={0: "_saved_input", 1: "_saved_weight"}
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
     ),
     "CudnnBatchNormBackward0": OpEntry(
-        "normalisation", _batch_norm, saved_inputs={0: "_saved_input", 1: "_saved_weight"}
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
     ),
 }
