@@ -91,6 +91,10 @@ class LRP:
         plan = self._plan(graph, requested, is_param)
         root_nr = gradient_edge(output).output_nr
         run = _Run(graph, plan, self.rules)
+        # tensors we hold are arg nodes too: the output itself and every requested tensor
+        run.resolver.known((0, root_nr), output.detach())
+        for e, t in zip(requested, tensors, strict=True):
+            run.resolver.known(e, t.detach())
         with torch.no_grad():
             results = run.execute((0, root_nr), seed, requested, is_param)
         self.report = run.report

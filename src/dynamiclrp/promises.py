@@ -63,6 +63,10 @@ class PromiseResolver:
         self.plan = plan
         self.values: dict[Edge, Tensor] = {}
 
+    def known(self, edge: Edge, value: Tensor) -> None:
+        """Register a value held by the caller (the output, a requested tensor)."""
+        self.values[edge] = value
+
     def value(self, edge: Edge) -> Tensor:
         """The forward value of ``edge`` (node, output_nr)."""
         v = self.values.get(edge)
@@ -150,6 +154,8 @@ class PromiseResolver:
         inputs = [None if c is None else self.values[c] for c in self.graph.children[j]]
         try:
             outs = entry.replay(ReplayContext(self.graph.fns[j], inputs))
+        except ValueRecoveryError as err:
+            raise ValueRecoveryError(f"{self.graph.describe(j)}: {err}") from err
         except Exception as err:
             raise ValueRecoveryError(
                 f"Replaying the forward of {self.graph.describe(j)} to recover a value failed: {err}"

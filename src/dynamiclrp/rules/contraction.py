@@ -123,6 +123,32 @@ def _conv_map(fn) -> LinearMap:
     )
 
 
+def _mv_map() -> LinearMap:
+    """``z = A @ v`` with ``A`` (m, n) and ``v`` (n,)."""
+    return LinearMap(
+        forward=lambda a, v: a @ v,
+        vjp_x=lambda g, a, v: g.unsqueeze(-1) * v,
+        vjp_w=lambda g, a, v: a.transpose(-1, -2) @ g,
+    )
+
+
+def _dot_map() -> LinearMap:
+    """``z = a . b`` for two vectors."""
+    return LinearMap(
+        forward=lambda a, b: a @ b,
+        vjp_x=lambda g, a, b: g * b,
+        vjp_w=lambda g, a, b: g * a,
+    )
+
+
+def _mv_rule(ctx: RuleContext):
+    return contract(ctx, _mv_map(), "dense", (0, 1), None)
+
+
+def _dot_rule(ctx: RuleContext):
+    return contract(ctx, _dot_map(), "dense", (0, 1), None)
+
+
 def _mm_rule(ctx: RuleContext):
     return contract(ctx, matmul_map(), "dense", (0, 1), None)
 
@@ -150,6 +176,18 @@ TABLE = {
         "contraction",
         _mm_rule,
         saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
+        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
+    ),
+    "MvBackward0": OpEntry(
+        "contraction",
+        _mv_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_vec"},
+        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
+    ),
+    "DotBackward0": OpEntry(
+        "contraction",
+        _dot_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_tensor"},
         replay=lambda c: (c.inputs[0] @ c.inputs[1],),
     ),
     "BmmBackward0": OpEntry(

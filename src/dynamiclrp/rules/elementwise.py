@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ValueRecoveryError
 from .base import OpEntry, ReplayContext, RuleContext, saved, sum_to_shape
 from .linear import stabilize
 
@@ -38,21 +39,53 @@ def _operand(c: ReplayContext, slot: int, attr: str) -> Tensor:
     return c.saved(attr) if v is None else v
 
 
+def _add_replay(sign: float):
+    def replay(c: ReplayContext):
+        if c.inputs[0] is None or c.inputs[1] is None:
+            raise ValueRecoveryError(
+                f"{c.fn.name()} adds a constant that autograd did not record (a Python scalar or "
+                "a tensor that does not require grad), so its output cannot be rebuilt. Make the "
+                "constant a tensor that requires grad."
+            )
+        return (c.inputs[0] + sign * _alpha(c) * c.inputs[1],)
+
+    return replay
+
+
 def _alpha(ctx) -> float:
     a = saved(ctx.fn, "_saved_alpha") if hasattr(ctx.fn, "_saved_alpha") else 1
     return 1 if a is None else a
 
 
 def _terms(ctx: RuleContext, sign: float):
-    """The two summands as they enter the output: ``a`` and ``sign * alpha * b``."""
+    """The two summands as they enter the output: ``a`` and ``sign * alpha * b``.
+
+    A constant operand that does not require grad (a Python scalar, a buffer) leaves no trace in
+    the graph; it is recovered as ``out - a`` when the output's value is known (the explained
+    output itself, or a consumer saved it).
+    """
     alpha = sign * _alpha(ctx)
-    if ctx.fn.next_functions[1][0] is None:  # constant operand not in the graph: b = (out - a)
-        a = ctx.input_value(0)
-        return a, ctx.output_value(0) - a
-    if ctx.fn.next_functions[0][0] is None:
-        b = alpha * ctx.input_value(1)
-        return ctx.output_value(0) - b, b
+    for slot in (0, 1):
+        if ctx.fn.next_functions[slot][0] is None:
+            other = ctx.input_value(1 - slot)
+            other = other if slot == 1 else alpha * other
+            out = _output_or_explain(ctx, slot)
+            return (other, out - other) if slot == 1 else (out - other, other)
     return ctx.input_value(0), alpha * ctx.input_value(1)
+
+
+def _output_or_explain(ctx: RuleContext, slot: int) -> Tensor:
+    try:
+        return ctx.output_value(0)
+    except ValueRecoveryError as err:
+        raise ValueRecoveryError(
+            f"{ctx.fn.name()} (node {ctx.idx}) adds a constant (operand {slot}: a Python scalar "
+            "or a tensor that does not require grad) that autograd did not record, and no node "
+            "saved the sum, so the proportional rule cannot see the constant's size. Make the "
+            "constant a tensor that requires grad (e.g. an nn.Parameter, or "
+            "mask.requires_grad_() for an additive mask), or explain with the constant folded "
+            "into the model."
+        ) from err
 
 
 def _split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
@@ -127,13 +160,13 @@ TABLE = {
         "elementwise-binary",
         add_rule(1.0),
         needs_values=True,
-        replay=lambda c: (c.inputs[0] + _alpha(c) * c.inputs[1],),
+        replay=_add_replay(1.0),
     ),
     "SubBackward0": OpEntry(
         "elementwise-binary",
         add_rule(-1.0),
         needs_values=True,
-        replay=lambda c: (c.inputs[0] - _alpha(c) * c.inputs[1],),
+        replay=_add_replay(-1.0),
     ),
     "MulBackward0": OpEntry(
         "elementwise-binary",
@@ -192,5 +225,8 @@ TABLE = {
     "HardtanhBackward0": _self_op(
         lambda c, x: F.hardtanh(x, c.saved("_saved_min_val"), c.saved("_saved_max_val"))
     ),
-    "NativeDropoutBackward0": _unary(),  # training-mode dropout: the mask is not a value source
+    # training-mode dropout (CUDA kernel): replay with the saved mask; identity rule
+    "NativeDropoutBackward0": _unary(
+        lambda c: (c.inputs[0] * c.saved("_saved_result1") * c.saved("_saved_scale"),)
+    ),
 }

@@ -1,0 +1,210 @@
+"""Public API: targets, seeds, return types, errors, and leaving no state behind."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import dynamiclrp
+from dynamiclrp import GraphError, TargetError, UncoveredOpError
+
+torch.manual_seed(0)
+
+
+def mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+
+
+def lrp0_expected(model, x, seed):
+    """Independent oracle: on a ReLU net, LRP-0 (eps -> 0, biases absorbing) of the epsilon rule
+    equals the layer-wise formula R_in = x * W^T (R / z); computed here layer by layer."""
+    lin1, _, lin2 = model
+    with torch.no_grad():
+        a1 = x @ lin1.weight.T + lin1.bias
+        h = a1.relu()
+        z2 = h @ lin2.weight.T + lin2.bias
+        r_h = h * ((seed / z2) @ lin2.weight)
+        r_x = x * ((r_h / a1) @ lin1.weight)
+    return r_x
+
+
+def test_target_int_seeds_one_class_per_row():
+    model = mlp()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    rel = dynamiclrp.explain(out, x, target=2, rules=dynamiclrp.Rules(eps=1e-12))
+    seed = torch.zeros_like(out)
+    seed[:, 2] = out[:, 2].detach()
+    torch.testing.assert_close(rel, lrp0_expected(model, x.detach(), seed), rtol=1e-7, atol=1e-10)
+
+
+def test_target_per_row_and_tensor_and_negative():
+    model = mlp()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    rules = dynamiclrp.Rules(eps=1e-12)
+    seed = torch.zeros(3, 4, dtype=torch.float64)
+    out = model(x)
+    for row, k in enumerate([0, 3, 1]):
+        seed[row, k] = out[row, k].detach()
+    expected = lrp0_expected(model, x.detach(), seed)
+    for target in ([0, 3, 1], torch.tensor([0, 3, 1]), torch.tensor([0, -1, 1])):
+        rel = dynamiclrp.explain(model(x), x, target=target, rules=rules)
+        torch.testing.assert_close(rel, expected, rtol=1e-7, atol=1e-10)
+
+
+def test_target_none_seeds_the_output_and_relevance_seed():
+    model = mlp()
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    rules = dynamiclrp.Rules(eps=1e-12)
+    out = model(x)
+    rel = dynamiclrp.explain(out, x, rules=rules)
+    torch.testing.assert_close(rel, lrp0_expected(model, x.detach(), out.detach()))
+    seed = torch.randn(2, 4, dtype=torch.float64)
+    rel = dynamiclrp.explain(model(x), x, relevance=seed, rules=rules)
+    torch.testing.assert_close(rel, lrp0_expected(model, x.detach(), seed))
+
+
+def test_batch_equals_each_row_alone():
+    model = mlp()
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    targets = [1, 0, 3, 2]
+    batch = dynamiclrp.explain(model(x), x, target=targets)
+    for i, t in enumerate(targets):
+        xi = x[i : i + 1].detach().clone().requires_grad_()
+        row = dynamiclrp.explain(model(xi), xi, target=t)
+        torch.testing.assert_close(batch[i : i + 1], row, rtol=1e-10, atol=1e-12)
+
+
+def test_returns_tuple_for_sequence_inputs_with_dtype_and_shape():
+    model = mlp()
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    rels = dynamiclrp.explain(out, [x, model[0].weight], target=0)
+    assert isinstance(rels, tuple) and len(rels) == 2
+    assert rels[0].shape == x.shape and rels[0].dtype == x.dtype
+    assert rels[1].shape == model[0].weight.shape
+    assert not rels[0].requires_grad
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (4, "out of range"),
+        (-5, "out of range"),
+        ([0, 1], "entries but the output has 3 rows"),
+        (1.5, "must be None, an int"),
+        (True, "not a bool"),
+        (torch.tensor([0.0, 1.0, 2.0]), "1-D integer tensor"),
+    ],
+)
+def test_bad_targets_are_rejected(target, message):
+    model = mlp()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TargetError, match=message):
+        dynamiclrp.explain(model(x), x, target=target)
+
+
+def test_target_on_3d_output_asks_to_slice_first():
+    x = torch.randn(2, 6, 5, requires_grad=True)
+    out = nn.Linear(5, 7)(x)
+    with pytest.raises(TargetError, match=r"logits\[:, -1\]"):
+        dynamiclrp.explain(out, x, target=3)
+    # slicing first works and seeds one position only
+    rel = dynamiclrp.explain(out[:, -1], x, target=3)
+    assert rel[:, :-1].abs().sum() == 0 and rel[:, -1].abs().sum() > 0
+
+
+def test_bad_relevance_seed_and_both_given():
+    model = mlp()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TargetError, match="shape"):
+        dynamiclrp.explain(model(x), x, relevance=torch.ones(3, 5))
+    with pytest.raises(TargetError, match="either"):
+        dynamiclrp.explain(model(x), x, target=1, relevance=torch.ones(3, 4))
+
+
+def test_graph_errors():
+    model = mlp()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    other = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        detached = model(x)
+    with pytest.raises(GraphError, match="no grad_fn"):
+        dynamiclrp.explain(detached, x)
+    with pytest.raises(GraphError, match="not part of the output's graph"):
+        dynamiclrp.explain(model(x), other)
+    with pytest.raises(GraphError, match="does not require grad"):
+        dynamiclrp.explain(model(x), torch.randn(3, 5))
+    with pytest.raises(GraphError, match="empty"):
+        dynamiclrp.explain(model(x), [])
+
+
+def test_uncovered_ops_listed_before_propagation():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = torch.linalg.vector_norm(x.sort(dim=1).values.cummax(dim=1).values, dim=1)
+    with pytest.raises(UncoveredOpError) as err:
+        dynamiclrp.explain(y.unsqueeze(1), x)
+    msg = str(err.value)
+    assert "CummaxBackward0 x1" in msg and "LinalgVectorNormBackward0 x1" in msg
+    assert "Nothing was propagated" in msg
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="Unknown rules"):
+        dynamiclrp.LRP("nope")
+
+
+def test_call_leaves_model_and_flags_untouched_and_no_hooks_fire():
+    model = mlp()
+    model.train(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    fired = []
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    out.register_hook(lambda g: fired.append(g))
+    grad_mode = torch.is_grad_enabled()
+    dynamiclrp.explain(out, x, target=0)
+    assert fired == []
+    assert torch.is_grad_enabled() == grad_mode
+    assert all(p.grad is None for p in model.parameters()) and x.grad is None
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    # the graph is still usable afterwards: the call did not free or modify it
+    (g,) = torch.autograd.grad(out[:, 0].sum(), x)
+    assert g.shape == x.shape
+
+
+def test_no_reference_to_the_graph_is_kept():
+    model = mlp()
+    lrp = dynamiclrp.LRP()
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    hidden = model[1](model[0](x))
+    out = model[2](hidden)
+    saved = weakref.ref(hidden)  # the graph keeps `hidden` alive (addmm saved it)
+    del hidden
+    lrp.explain(out, x, target=0)
+    assert saved() is not None
+    del out
+    gc.collect()
+    assert saved() is None, "the explainer kept the graph (or a saved activation) alive"
+    assert lrp.last_plan_cached is False
+
+
+def test_report_books_close_on_a_transformer_like_block():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    ln = nn.LayerNorm(8).double()
+    attn = nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
+    head = nn.Linear(8, 3).double()
+    h = ln(x)
+    h = x + attn(h, h, h, need_weights=False)[0]
+    out = head(h.mean(1))
+    rel, report = dynamiclrp.explain(out, x, target=1, return_report=True)
+    assert abs(report.residual) < 1e-9 * max(1.0, abs(report.seeded))
+    assert report.inputs[0] == pytest.approx(float(rel.sum()))
+    assert "seeded" in str(report)
