@@ -208,3 +208,33 @@ def test_report_books_close_on_a_transformer_like_block():
     assert abs(report.residual) < 1e-9 * max(1.0, abs(report.seeded))
     assert report.inputs[0] == pytest.approx(float(rel.sum()))
     assert "seeded" in str(report)
+
+
+def test_frozen_parameters_recover_biases_from_saved_outputs():
+    """requires_grad_(False) hides biases from autograd; where a consumer saved the layer's
+    output (GELU saves its input) the bias is recovered and the result is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.GELU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        nn.GELU(),
+        nn.Linear(5, 2),
+    ).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].bias.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    reference = dynamiclrp.explain(model(x), x, target=1)
+    model.requires_grad_(False)
+    torch.testing.assert_close(dynamiclrp.explain(model(x), x, target=1), reference)
+
+
+def test_frozen_bias_without_saved_output_fails_loudly():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).requires_grad_(False)
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match=r"AddmmBackward0 .*bias does not"):
+        dynamiclrp.explain(model(x), x, target=1)

@@ -136,6 +136,26 @@ class RuleContext:
         return self.rules.rule_for(family, tensors)
 
 
+def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:
+    """The bias of a layer whose bias did not require grad, as ``z - without_bias``.
+
+    Autograd records neither such a bias nor the layer's output; the output's value is recovered
+    if anything saved it (the explained output itself, a consumer's saved input), else this fails
+    loudly: the rule needs the full output ``z``.
+    """
+    from ..errors import ValueRecoveryError
+
+    try:
+        return ctx.output_value(0) - without_bias
+    except ValueRecoveryError as err:
+        raise ValueRecoveryError(
+            f"{ctx.fn.name()} (node {ctx.idx}): its bias does not require grad, so autograd kept "
+            "neither the bias nor the layer's output, and the rule needs the full output z. Keep "
+            "the model's parameters requiring grad during the forward pass you explain (the "
+            "default; do not call model.requires_grad_(False))."
+        ) from err
+
+
 def sum_to_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
     """Undo broadcasting: sum ``t`` down to ``shape`` (what the gradient of a broadcast does)."""
     shape = torch.Size(shape)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..errors import ValueRecoveryError
-from .base import OpEntry, RuleContext, saved, sum_to_shape
+from .base import OpEntry, RuleContext, frozen_bias, saved, sum_to_shape
 from .linear import (
     LinearMap,
     bilinear_uniform,
@@ -40,19 +39,6 @@ def _scaled(m: LinearMap, alpha) -> LinearMap:
         vjp_x=lambda g, x, w: m.vjp_x(alpha * g, x, w),
         vjp_w=lambda g, x, w: m.vjp_w(alpha * g, x, w),
     )
-
-
-def _frozen_bias(ctx: RuleContext, product: Tensor) -> Tensor:
-    """Bias of a layer whose bias did not require grad: ``b = z - product`` from the output value."""
-    try:
-        return ctx.output_value(0) - product
-    except ValueRecoveryError as err:
-        raise ValueRecoveryError(
-            f"{ctx.fn.name()} (node {ctx.idx}): its bias does not require grad, so autograd kept "
-            "neither the bias nor the layer's output, and the rule needs the full output z. Keep "
-            "the model's parameters requiring grad during the forward pass you explain (the "
-            "default; do not call model.requires_grad_(False))."
-        ) from err
 
 
 def contract(
@@ -95,7 +81,7 @@ def _addmm_bias(beta_attr: str, a_slot: int):
     def bias(ctx: RuleContext, a, b, m):
         beta = getattr(ctx.fn, beta_attr, 1)
         if ctx.fn.next_functions[0][0] is None:
-            return _frozen_bias(ctx, m.forward(a, b))
+            return frozen_bias(ctx, m.forward(a, b))
         v = ctx.input_value(0)
         return (v if beta == 1 else beta * v).expand(ctx.r.shape)
 
@@ -107,7 +93,7 @@ def _conv_bias(ctx: RuleContext, a, b, m):
     if ctx.fn.next_functions[2][0] is None:
         if not sizes:
             return None
-        return _frozen_bias(ctx, m.forward(a, b))
+        return frozen_bias(ctx, m.forward(a, b))
     v = ctx.input_value(2)
     return v.view(1, -1, *([1] * (ctx.r.dim() - 2))).expand(ctx.r.shape)
 

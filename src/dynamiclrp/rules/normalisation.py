@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import OpEntry, RuleContext, sum_to_shape
+from .base import OpEntry, RuleContext, frozen_bias, sum_to_shape
 from .linear import stabilize
 
 
@@ -26,7 +26,7 @@ def _bias_out(ctx: RuleContext, slot: int, rb, per_channel: bool = False):
 
 def _layer_norm(ctx: RuleContext):
     fn = ctx.fn
-    x = fn._saved_input
+    x = ctx.input_value(0)
     w, b = fn._saved_weight, fn._saved_bias
     mean, rstd = fn._saved_result1, fn._saved_result2
     dims = tuple(range(x.dim() - len(fn._saved_normalized_shape), x.dim()))
@@ -39,12 +39,18 @@ def _layer_norm(ctx: RuleContext):
     return [rx, None, _bias_out(ctx, 2, None if b is None else b * ctx.r / stabilize(y, ctx.eps))]
 
 
+def _affine_bias(ctx: RuleContext, has_affine: bool, per_channel, without_bias):
+    """The bias, broadcastable to the output, or ``None`` (no affine part)."""
+    if ctx.fn.next_functions[2][0] is not None:
+        return ctx.input_value(2).view(per_channel)
+    return frozen_bias(ctx, without_bias) if has_affine else None
+
+
 def _group_norm(ctx: RuleContext):
     fn = ctx.fn
-    x = fn._saved_input
+    x = ctx.input_value(0)
     n, c, groups = fn._saved_N, fn._saved_C, fn._saved_group
     w = fn._saved_weight
-    b = ctx.input_value(2) if fn.next_functions[2][0] is not None else None
     shape = x.shape
     xg = x.reshape(n, groups, -1)
     mean = fn._saved_result1.reshape(n, groups, 1)
@@ -56,21 +62,23 @@ def _group_norm(ctx: RuleContext):
         else w.view(per_channel)
     )
     xhat = ((xg - mean) * rstd).reshape(shape)
-    y = xhat * wv if b is None else xhat * wv + b.view(per_channel)
+    y = xhat * wv
+    b = _affine_bias(ctx, w is not None, per_channel, y)
+    if b is not None:
+        y = y + b
     gy = ctx.r / stabilize(y, ctx.eps)
     g = (gy * wv).reshape(n, groups, -1) * rstd
     rx = (xg * (g - g.mean(-1, keepdim=True))).reshape(shape)
-    rb = None if b is None else b.view(per_channel) * gy
+    rb = None if b is None else b * gy
     return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
 
 
 def _batch_norm(ctx: RuleContext):
     fn = ctx.fn
-    x = fn._saved_input
+    x = ctx.input_value(0)
     c = x.shape[1]
     per_channel = [1, c] + [1] * (x.dim() - 2)
     w = fn._saved_weight
-    b = ctx.input_value(2) if fn.next_functions[2][0] is not None else None
     if fn._saved_training:
         mean, invstd = fn._saved_result1, fn._saved_result2
     else:
@@ -80,8 +88,9 @@ def _batch_norm(ctx: RuleContext):
     if w is not None:
         scale = scale * w.view(per_channel)
     y = (x - mean.view(per_channel)) * scale
+    b = _affine_bias(ctx, w is not None, per_channel, y)
     if b is not None:
-        y = y + b.view(per_channel)
+        y = y + b
     gy = ctx.r / stabilize(y, ctx.eps)
     g = gy * scale
     if fn._saved_training:  # batch statistics: the centring is part of the linear map
@@ -90,7 +99,7 @@ def _batch_norm(ctx: RuleContext):
         # the constant running mean is not subtracted from x: the centre is absorbed like a bias
     else:
         rx = x * g  # running mean is a constant shift: it absorbs its share, like a bias
-    rb = None if b is None else b.view(per_channel) * gy
+    rb = None if b is None else b * gy
     return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
 
 
