@@ -111,7 +111,9 @@ def add_rule(sign: float):
         ra, rb = _split_sum(ctx, [a, b], ctx.rules.add)
         outs = [None, None]
         for slot, rel in ((0, ra), (1, rb)):
-            if ctx.fn.next_functions[slot][0] is not None:
+            if ctx.fn.next_functions[slot][0] is None:
+                outs[slot] = rel  # an unrecorded constant: absorbed (the books need its sum)
+            else:
                 outs[slot] = sum_to_shape(rel, ctx.input_shape(slot))
         return outs
 

@@ -118,6 +118,19 @@ def _bn_replay(c):
     return (y if b is None else y + b.view(per_channel),)
 
 
+def _gn_replay(c):
+    fn = c.fn
+    x, w, b = c.inputs[0], c.inputs[1], c.inputs[2]
+    n, groups = fn._saved_N, fn._saved_group
+    mean = fn._saved_result1.reshape(n, groups, 1)
+    rstd = fn._saved_result2.reshape(n, groups, 1)
+    y = ((x.reshape(n, groups, -1) - mean) * rstd).reshape(x.shape)
+    per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if w is not None:
+        y = y * w.view(per_channel)
+    return (y if b is None else y + b.view(per_channel),)
+
+
 def _ln_replay(c):
     fn = c.fn
     y = (c.inputs[0] - fn._saved_result1) * fn._saved_result2
@@ -131,9 +144,13 @@ TABLE = {
         "normalisation",
         _layer_norm,
         saved_inputs={0: "_saved_input", 1: "_saved_weight", 2: "_saved_bias"},
+        replay=_ln_replay,
     ),
     "NativeGroupNormBackward0": OpEntry(
-        "normalisation", _group_norm, saved_inputs={0: "_saved_input", 1: "_saved_weight"}
+        "normalisation",
+        _group_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_gn_replay,
     ),
     "NativeBatchNormBackward0": OpEntry(
         "normalisation",

@@ -171,7 +171,9 @@ TABLE = {
     "AminBackward0": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
     "TopkBackward0": _routing(),
     "SortBackward0": _routing(),
-    "EmbeddingBackward0": _routing(),
+    "EmbeddingBackward0": _routing(
+        lambda c: (torch.nn.functional.embedding(c.saved("_saved_indices"), c.inputs[0]),)
+    ),
     "UpsampleNearest2DBackward0": _routing(
         lambda c: (torch.nn.functional.interpolate(c.inputs[0], size=c.out_shape()[-2:]),)
     ),
