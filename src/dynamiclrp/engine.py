@@ -269,6 +269,9 @@ class _Run:
                 e = kids[slot]
                 parameter_flow.add(e)
                 _accumulate(store, e, r)
+            for s in ctx.absorbed:
+                ledger.absorbed.append(s)
+                r_out_total = s if r_out_total is None else r_out_total + s
             if r_out_total is None:
                 r_out_total = torch.zeros((), dtype=seed.dtype, device=seed.device)
             ledger.record(v, entry.family, in_total, r_out_total)

@@ -2,8 +2,8 @@
 
 Every node's rule is checked in and out: relevance arriving at the node, relevance it passes to each
 input, and the difference.  The difference is *stabiliser* loss for rules with ``stab(z)``
-denominators and implicit constants (contractions, normalisation, signed add and reductions, the
-centring of norms), and *rule* gain or loss for rules that do not conserve by design (softmax,
+denominators (contractions, normalisation, signed add and reductions) and for constants a rule
+leaves out of its map (the running mean of an eval-mode batch norm), and *rule* gain or loss for rules that do not conserve by design (softmax,
 attention).  Relevance a routing op drops (elements a ``masked_fill`` replaced) and relevance a rule sends to a constant operand (bias, buffer, mask, class token) is
 *absorbed*; relevance sent to data that reaches no requested input is *unrequested*.  Then::
 

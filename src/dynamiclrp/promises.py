@@ -147,11 +147,19 @@ class PromiseResolver:
                 f"the graph with retain_graph=True. PyTorch said: {err}"
             ) from err
 
+    def _saved_input(self, j: int, slot: int) -> Tensor | None:
+        """An input the graph does not record (no grad) but the node saved, e.g. a frozen weight."""
+        attr = self.entries[j].saved_inputs.get(slot)
+        return None if attr is None else self.read_saved(j, attr)
+
     def _replay(self, e: Edge) -> None:
         """Replay node ``e[0]``'s forward from its inputs' values (one forward-chain step)."""
         j = e[0]
         entry = self.entries[j]
-        inputs = [None if c is None else self.values[c] for c in self.graph.children[j]]
+        inputs = [
+            self.values[c] if c is not None else self._saved_input(j, slot)
+            for slot, c in enumerate(self.graph.children[j])
+        ]
         try:
             outs = entry.replay(ReplayContext(self.graph.fns[j], inputs))
         except ValueRecoveryError as err:

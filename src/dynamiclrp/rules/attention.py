@@ -62,8 +62,9 @@ def sdpa_relevance(
     is_causal: bool,
     scale: float | None,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Relevance of ``q, k, v`` for ``O = softmax(scale q k^T + mask) v`` (module docstring)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Relevance of ``q, k, v`` (and of an additive float mask, ``None`` otherwise) for
+    ``O = softmax(scale q k^T + mask) v`` (module docstring)."""
     hq, hk = q.shape[-3] if q.dim() > 2 else 1, k.shape[-3] if k.dim() > 2 else 1
     groups = hq // hk
     if groups > 1:
@@ -74,7 +75,7 @@ def sdpa_relevance(
     s_full = qk
     lq, lk = q.shape[-2], k.shape[-2]
     if is_causal:
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()  # top-left, as SDPA
         s_full = s_full.masked_fill(~keep, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -89,14 +90,18 @@ def sdpa_relevance(
     # P = softmax(S)
     r_s = softmax_relevance(s_full, p, r_p, -1)
     # S = scale q k^T + mask: uniform bilinear rule on the product, the mask absorbs its share
-    gs = torch.where(torch.isneginf(s_full), 0.0, r_s / stabilize(s_full, eps)) * scale
+    g_s = torch.where(torch.isneginf(s_full), 0.0, r_s / stabilize(s_full, eps))
+    r_mask = None
+    if mask is not None and mask.dtype != torch.bool:
+        r_mask = torch.where(torch.isneginf(s_full), 0.0, mask * g_s)
+    gs = g_s * scale
     r_q = 0.5 * q * (gs @ k)
     r_k = 0.5 * k * (gs.transpose(-1, -2) @ q)
     if groups > 1:
         shape = r_k.shape[:-3] + (hk, groups) + r_k.shape[-2:]
         r_k = r_k.reshape(shape).sum(-3)
         r_v = r_v.reshape(shape).sum(-3)
-    return r_q, r_k, r_v
+    return r_q, r_k, r_v, r_mask
 
 
 def _sdpa(ctx: RuleContext):
@@ -111,8 +116,14 @@ def _sdpa(ctx: RuleContext):
             f"{fn.name()} (node {ctx.idx}) ran with dropout_p={dropout}: attention dropout is "
             "random and cannot be replayed. Explain the model in eval mode (model.eval())."
         )
-    rq, rk, rv = sdpa_relevance(q, k, v, ctx.r, mask, is_causal, scale, ctx.eps)
-    return [rq, rk, rv] + [None] * (ctx.n_inputs() - 3)
+    rq, rk, rv, r_mask = sdpa_relevance(q, k, v, ctx.r, mask, is_causal, scale, ctx.eps)
+    outs = [rq, rk, rv] + [None] * (ctx.n_inputs() - 3)
+    if r_mask is not None:
+        if ctx.n_inputs() > 3 and ctx.fn.next_functions[3][0] is not None:
+            outs[3] = r_mask.sum_to_size(ctx.input_shape(3))  # a mask in the graph: its input
+        else:
+            ctx.absorb(r_mask)
+    return outs
 
 
 def _sdpa_entry() -> OpEntry:

@@ -92,7 +92,17 @@ class RuleContext:
         The :class:`~dynamiclrp.presets.Rules` in force.
     """
 
-    __slots__ = ("fn", "relevance", "data", "wanted", "rules", "_engine", "idx", "parameter")
+    __slots__ = (
+        "fn",
+        "relevance",
+        "data",
+        "wanted",
+        "rules",
+        "_engine",
+        "idx",
+        "parameter",
+        "absorbed",
+    )
 
     def __init__(self, engine, idx: int, fn, relevance, data, wanted, rules: Rules):
         self._engine = engine
@@ -103,6 +113,12 @@ class RuleContext:
         self.wanted = wanted
         self.rules = rules
         self.parameter: dict[int, Tensor] = {}
+        self.absorbed: list[Tensor] = []
+
+    def absorb(self, relevance: Tensor) -> None:
+        """Book relevance a constant took that is not one of the node's inputs (an attention
+        mask saved inside a fused node) as absorbed."""
+        self.absorbed.append(relevance.sum())
 
     @property
     def r(self) -> Tensor:
@@ -134,6 +150,13 @@ class RuleContext:
     def layer_rule(self, family: str, *tensors: Tensor):
         """The rule for ``family`` here, honouring per-layer overrides keyed on ``tensors``."""
         return self.rules.rule_for(family, tensors)
+
+
+FROZEN_BIAS_REPLAY = (
+    "its bias does not require grad, so autograd did not record it and the layer's output "
+    "cannot be rebuilt. Keep the model's parameters requiring grad during the forward pass you "
+    "explain (the default; do not call model.requires_grad_(False))."
+)
 
 
 def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:

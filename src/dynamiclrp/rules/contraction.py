@@ -3,22 +3,25 @@ padding, dilation, groups, transposed).
 
 - One data operand and one constant (a weight): the preset's contraction rule (epsilon by default,
   see :mod:`.linear`) with ``z`` the full output including the bias, which absorbs its share.
-  The weight's own relevance ``R_w = w * J_w^T (R / stab(z))`` is computed only when the weight
-  was requested.
-- Two data operands (``q @ k^T``, ``attention @ v``): the uniform bilinear rule, half to each.
+  The weight's own relevance (the same rule read from the weight's side; for epsilon
+  ``R_w = w * J_w^T (R / stab(z))``) is computed only when the weight was requested.
+- Two data operands (``q @ k^T``, ``attention @ v``): the uniform bilinear rule, half to each
+  (for ``addmm``/``baddbmm`` of two data operands the added term is left out of ``z``).
+- ``mv`` and ``dot`` are contractions like ``mm``.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .base import OpEntry, RuleContext, frozen_bias, saved, sum_to_shape
+from ..errors import ValueRecoveryError
+from .base import FROZEN_BIAS_REPLAY, OpEntry, RuleContext, frozen_bias, saved, sum_to_shape
 from .linear import (
     LinearMap,
     bilinear_uniform,
     convolution_map,
     matmul_map,
-    parameter_epsilon,
+    parameter_relevance,
 )
 
 
@@ -73,7 +76,7 @@ def contract(
             rb = sum_to_shape(res.bias, ctx.input_shape(bias_slot))
         outs[bias_slot] = rb
     if ctx.wanted[sw]:
-        ctx.parameter[sw] = parameter_epsilon(mm, x, w, bias, ctx.r, ctx.eps)
+        ctx.parameter[sw] = parameter_relevance(rule, mm, x, w, bias, ctx.r, ctx.eps)
     return outs
 
 
@@ -88,10 +91,15 @@ def _addmm_bias(beta_attr: str, a_slot: int):
     return bias
 
 
+def _conv_has_bias(fn) -> bool:
+    """Autograd records the bias's sizes, ``(0,)`` when there is no bias."""
+    sizes = getattr(fn, "_saved_bias_sym_sizes_opt", None)
+    return bool(sizes) and tuple(sizes) != (0,)
+
+
 def _conv_bias(ctx: RuleContext, a, b, m):
-    sizes = getattr(ctx.fn, "_saved_bias_sym_sizes_opt", None)
     if ctx.fn.next_functions[2][0] is None:
-        if not sizes:
+        if not _conv_has_bias(ctx.fn):
             return None
         return frozen_bias(ctx, m.forward(a, b))
     v = ctx.input_value(2)
@@ -151,6 +159,8 @@ def _conv_rule(ctx: RuleContext):
 def _conv_replay(c):
     fn = c.fn
     x, w = c.inputs[0], c.inputs[1]
+    if c.inputs[2] is None and _conv_has_bias(fn):
+        raise ValueRecoveryError(FROZEN_BIAS_REPLAY)
     z = _conv_map(fn).forward(x, w)
     if c.inputs[2] is not None:
         z = z + c.inputs[2].view(1, -1, *([1] * (z.dim() - 2)))

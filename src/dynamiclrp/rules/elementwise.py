@@ -6,11 +6,13 @@ Binary, with broadcasting (``sum_to_shape`` undoes it, as the gradient does):
   ``R_a = R |a| / (|a| + |b|)``, ``R_b = R |b| / (|a| + |b|)``, where ``b`` is the term as added
   (``alpha * b``, ``-alpha * b`` for sub); where ``|a| + |b| = 0`` nothing is passed on.
   ``add="signed"``: ``R_a = R a / stab(a + b)``.  A constant operand (bias, buffer) absorbs its share.
-  Adding a Python scalar is an element-wise shift of one operand: identity rule.
+  A constant autograd did not record (a Python scalar or a tensor without grad) is rebuilt as
+  ``out - a`` when the sum's value is known, and absorbs its share like a bias.  (Ops that do
+  record a scalar separately, ``AddBackward1`` / ``RsubBackward1``, use the identity rule.)
 - ``mul`` / ``div`` of two data operands: uniform rule, ``R_a = R_b = R / 2`` (AttnLRP).  An operand
   broadcast over dimensions the other spans (a per-row statistic such as ``rsqrt(var)``) counts as
   constant, so all relevance goes to the full-shape operand (AttnLRP's identity rule for normalisers
-  written out of primitives).  Times a constant: ``R_x = R``.
+  written out of primitives); if both are broadcast, half each.  Times a constant: ``R_x = R``.
 
 Unary (relu, gelu, silu, sigmoid, tanh, exp, log, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
 identity rule, ``R_in = R_out``.
@@ -82,9 +84,9 @@ def _output_or_explain(ctx: RuleContext, slot: int) -> Tensor:
             f"{ctx.fn.name()} (node {ctx.idx}) adds a constant (operand {slot}: a Python scalar "
             "or a tensor that does not require grad) that autograd did not record, and no node "
             "saved the sum, so the proportional rule cannot see the constant's size. Make the "
-            "constant a tensor that requires grad (e.g. an nn.Parameter, or "
-            "mask.requires_grad_() for an additive mask), or explain with the constant folded "
-            "into the model."
+            "constant an nn.Parameter (a constant that requires grad is recorded), or for an "
+            "additive attention mask use scaled_dot_product_attention (attn_implementation="
+            "'sdpa'), which saves its mask."
         ) from err
 
 

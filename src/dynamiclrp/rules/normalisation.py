@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import OpEntry, RuleContext, frozen_bias, sum_to_shape
+from ..errors import ValueRecoveryError
+from .base import FROZEN_BIAS_REPLAY, OpEntry, RuleContext, frozen_bias, sum_to_shape
 from .linear import stabilize
 
 
@@ -96,16 +97,22 @@ def _batch_norm(ctx: RuleContext):
     if fn._saved_training:  # batch statistics: the centring is part of the linear map
         dims = [0] + list(range(2, x.dim()))
         rx = x * (g - g.mean(dims, keepdim=True))
-        # the constant running mean is not subtracted from x: the centre is absorbed like a bias
     else:
         rx = x * g  # running mean is a constant shift: it absorbs its share, like a bias
     rb = None if b is None else b * gy
     return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
 
 
+def _refuse_frozen_bias(c, w) -> None:
+    if c.inputs[2] is None and c.fn.next_functions[2][0] is None and w is not None:
+        raise ValueRecoveryError(FROZEN_BIAS_REPLAY)
+
+
 def _bn_replay(c):
     fn = c.fn
-    x, w, b = c.inputs[0], c.inputs[1], c.inputs[2]
+    x, b = c.inputs[0], c.inputs[2]
+    w = c.inputs[1] if c.inputs[1] is not None else fn._saved_weight
+    _refuse_frozen_bias(c, w)
     per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
     if fn._saved_training:
         mean, invstd = fn._saved_result1, fn._saved_result2
@@ -120,7 +127,9 @@ def _bn_replay(c):
 
 def _gn_replay(c):
     fn = c.fn
-    x, w, b = c.inputs[0], c.inputs[1], c.inputs[2]
+    x, b = c.inputs[0], c.inputs[2]
+    w = c.inputs[1] if c.inputs[1] is not None else fn._saved_weight
+    _refuse_frozen_bias(c, w)
     n, groups = fn._saved_N, fn._saved_group
     mean = fn._saved_result1.reshape(n, groups, 1)
     rstd = fn._saved_result2.reshape(n, groups, 1)
@@ -133,10 +142,12 @@ def _gn_replay(c):
 
 def _ln_replay(c):
     fn = c.fn
+    w = c.inputs[1] if c.inputs[1] is not None else fn._saved_weight
+    b = c.inputs[2] if c.inputs[2] is not None else fn._saved_bias
     y = (c.inputs[0] - fn._saved_result1) * fn._saved_result2
-    if c.inputs[1] is not None:
-        y = y * c.inputs[1]
-    return (y if c.inputs[2] is None else y + c.inputs[2],)
+    if w is not None:
+        y = y * w
+    return (y if b is None else y + b,)
 
 
 TABLE = {
