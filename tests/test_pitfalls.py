@@ -231,13 +231,13 @@ def test_epsilon_default_is_one_in_a_million():
 
 def test_weight_relevance_only_when_asked(monkeypatch):
     calls = []
-    original = linear.parameter_epsilon
+    original = linear.parameter_relevance
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("dynamiclrp.rules.contraction.parameter_epsilon", counting)
+    monkeypatch.setattr("dynamiclrp.rules.contraction.parameter_relevance", counting)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
     x = leaf(3, 4)

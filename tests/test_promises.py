@@ -228,12 +228,6 @@ def test_softmax_logits_recovered_through_chain():
     assert rep.promises.get("replay", 0) > 0, rep.promises
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a causal mask applied with masked_fill(-inf / finfo.min) or where(mask, s, -inf) "
-    "blocks the softmax's promise: MaskedFillBackward0 has no replay and WhereBackward0's replay "
-    "gets None for the scalar fill, so explain raises ValueRecoveryError",
-)
 @pytest.mark.parametrize("fill", ["masked_fill_inf", "masked_fill_finfo_min", "where_inf"])
 def test_softmax_logits_recovered_through_a_causal_mask(fill):
     g = gen(19)
@@ -249,9 +243,12 @@ def test_softmax_logits_recovered_through_a_causal_mask(fill):
         return torch.where(keep, t, float("-inf"))
 
     scores = (x @ A).view(3, 3)  # unsaved: replayed from the leaves through the mask
-    p = torch.softmax(masked(scores), -1)
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match=r"dynamiclrp\.record\(\)"):
+        explain(torch.softmax(masked(scores), -1) @ V, x)
+    with dynamiclrp.record() as rec:  # the fill value is not recorded by autograd
+        p = torch.softmax(masked(scores), -1)
     y = p @ V
-    rel, _ = explain(y, x)
+    rel, _ = explain(y, x, recording=rec)
 
     xd = x.detach()
     z = (xd @ A.detach()).view(3, 3)

@@ -21,6 +21,7 @@ from .errors import (
 )
 from .ledger import RelevanceReport
 from .presets import PRESETS, Rules, preset
+from .recording import Recording, record
 from .rules import OP_TABLE
 from .rules.linear import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 
@@ -35,6 +36,7 @@ def explain(
     relevance: Tensor | None = None,
     rules: str | Rules = "dynamiclrp",
     return_report: bool = False,
+    recording: Recording | None = None,
 ):
     """Explain ``output`` in terms of ``inputs`` with LRP on the autograd graph.
 
@@ -55,6 +57,10 @@ def explain(
         A preset name or a :class:`Rules` object.
     return_report:
         Also return the :class:`RelevanceReport` (where relevance went).
+    recording:
+        A :func:`record` of the forward pass, for models that add or fill with constants that do
+        not require grad where nothing else kept the result (eager attention masks, frozen
+        biases); the error message says when it is needed.
 
     Returns
     -------
@@ -62,7 +68,7 @@ def explain(
     ``inputs`` was a single tensor; with ``return_report=True`` a ``(relevance, report)`` pair.
     """
     lrp = LRP(rules, cache_size=0)
-    rel = lrp.explain(output, inputs, target, relevance=relevance)
+    rel = lrp.explain(output, inputs, target, relevance=relevance, recording=recording)
     return (rel, lrp.report) if return_report else rel
 
 
@@ -78,6 +84,7 @@ __all__ = [
     "GraphError",
     "NonFiniteRelevanceError",
     "Plan",
+    "Recording",
     "RelevanceReport",
     "Rules",
     "TargetError",
@@ -88,4 +95,5 @@ __all__ = [
     "ZPlus",
     "explain",
     "preset",
+    "record",
 ]

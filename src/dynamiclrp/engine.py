@@ -21,7 +21,9 @@ from .graph import Edge, Graph, build_graph, gradient_edge
 from .ledger import Ledger, RelevanceReport
 from .presets import Rules, preset
 from .promises import PromisePlan, PromiseResolver
+from .recording import Recording
 from .rules import LEAF, OP_TABLE, OpEntry, RuleContext
+from .rules.base import sum_to_shape
 from .targets import make_seed
 
 SOURCE_NODES = {"EmbeddingBackward0"}
@@ -70,6 +72,7 @@ class LRP:
         target=None,
         *,
         relevance: Tensor | None = None,
+        recording: Recording | None = None,
     ):
         """Relevance of each of ``inputs`` for ``output`` (see :func:`dynamiclrp.explain`)."""
         if not isinstance(output, Tensor):
@@ -95,6 +98,9 @@ class LRP:
         run.resolver.known((0, root_nr), output.detach())
         for e, t in zip(requested, tensors, strict=True):
             run.resolver.known(e, t.detach())
+        if recording is not None:
+            for e, v in recording.values_for(graph).items():
+                run.resolver.known(e, v)
         with torch.no_grad():
             results = run.execute((0, root_nr), seed, requested, is_param)
         self.report = run.report
@@ -218,14 +224,12 @@ class _Run:
     # -- propagation ---------------------------------------------------------------------------
 
     def execute(self, root: Edge, seed: Tensor, requested, is_param) -> list[Tensor]:
-        g, plan, ledger = self.graph, self.plan, self.ledger
+        g, plan = self.graph, self.plan
         store: dict[Edge, Tensor] = {root: seed}
         captured: dict[Edge, Tensor] = {}
         wanted_edges = set(requested)
-        parameter_flow: set[Edge] = set()
         for v in plan.order:
-            fn = g.fns[v]
-            meta = fn._input_metadata
+            meta = g.fns[v]._input_metadata
             rel = [store.pop((v, k), None) for k in range(len(meta))]
             if all(r is None for r in rel):
                 continue
@@ -236,45 +240,7 @@ class _Run:
                 r if r is not None else torch.zeros(tuple(m.shape), dtype=m.dtype, device=m.device)
                 for r, m in zip(rel, meta, strict=True)
             ]
-            kids = g.children[v]
-            ctx = RuleContext(
-                self,
-                v,
-                fn,
-                rel,
-                [e is not None and plan.data[e[0]] for e in kids],
-                [e is not None and plan.reach[e[0]] for e in kids],
-                self.rules,
-            )
-            entry = plan.entries[v]
-            outs = entry.rule(ctx)
-            r_out_total = None
-            in_total = sum(r.sum() for r in rel if r.is_floating_point())
-            for slot, r in enumerate(outs):
-                if r is None:
-                    continue
-                s = r.sum()
-                r_out_total = s if r_out_total is None else r_out_total + s
-                e = kids[slot] if slot < len(kids) else None
-                if e is None or not plan.data[e[0]]:
-                    ledger.absorbed.append(s)
-                    if e is not None and plan.reach[e[0]]:
-                        parameter_flow.add(e)
-                        _accumulate(store, e, r)
-                elif not plan.reach[e[0]]:
-                    ledger.unrequested.append(s)
-                else:
-                    _accumulate(store, e, r)
-            for slot, r in ctx.parameter.items():
-                e = kids[slot]
-                parameter_flow.add(e)
-                _accumulate(store, e, r)
-            for s in ctx.absorbed:
-                ledger.absorbed.append(s)
-                r_out_total = s if r_out_total is None else r_out_total + s
-            if r_out_total is None:
-                r_out_total = torch.zeros((), dtype=seed.dtype, device=seed.device)
-            ledger.record(v, entry.family, in_total, r_out_total)
+            self._propagate(v, rel, store)
         results, param_sums = [], {}
         for i, e in enumerate(requested):
             r = captured.get(e, store.get(e))
@@ -289,9 +255,58 @@ class _Run:
             not p and e[0] not in processed for e, p in zip(requested, is_param, strict=True)
         ]
         input_sums = [r.sum() for r in results]
-        self.report = ledger.close(g.describe, seed.sum(), input_sums, in_books, param_sums)
+        self.report = self.ledger.close(g.describe, seed.sum(), input_sums, in_books, param_sums)
         self.report.promises = dict(Counter(s[0] for s in plan.promises.sources.values()))
         return results
+
+    def _propagate(self, v: int, rel: list[Tensor], store: dict) -> None:
+        """Run node ``v``'s rule, pass relevance to its inputs and keep the books.
+
+        Nodes fed by data keep the books; nodes below a parameter (``w.t()`` on the way to a
+        requested weight) carry relevance already booked where it left the data flow.
+        """
+        g, plan, ledger = self.graph, self.plan, self.ledger
+        kids = g.children[v]
+        ctx = RuleContext(
+            self,
+            v,
+            g.fns[v],
+            rel,
+            [e is not None and plan.data[e[0]] for e in kids],
+            [e is not None and plan.reach[e[0]] for e in kids],
+            self.rules,
+        )
+        entry = plan.entries[v]
+        outs = entry.rule(ctx)
+        books = plan.data[v]
+        out_total = []
+        for slot, r in enumerate(outs):
+            if r is None:
+                continue
+            e = kids[slot] if slot < len(kids) else None
+            if e is not None:
+                m = g.fns[e[0]]._input_metadata[e[1]]
+                if r.shape != m.shape:  # a node's own backward may leave broadcasting to autograd
+                    r = sum_to_shape(r, m.shape)
+            s = r.sum()
+            out_total.append(s)
+            if e is None or not plan.data[e[0]]:
+                if books:
+                    ledger.absorbed.append(s)
+                if e is not None and plan.reach[e[0]]:
+                    _accumulate(store, e, r)
+            elif not plan.reach[e[0]]:
+                ledger.unrequested.append(s)
+            else:
+                _accumulate(store, e, r)
+        for slot, r in ctx.parameter.items():
+            _accumulate(store, kids[slot], r)
+        for s in ctx.absorbed:
+            ledger.absorbed.append(s)
+            out_total.append(s)
+        r_out = sum(out_total) if out_total else rel[0].new_zeros(())
+        r_in = sum(r.sum() for r in rel if r.is_floating_point())
+        ledger.record(v, entry.family, r_in, r_out, books)
 
 
 def _accumulate(store: dict, e: Edge, r: Tensor) -> None:

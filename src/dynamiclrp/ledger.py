@@ -103,10 +103,13 @@ class Ledger:
         self.absorbed: list[Tensor] = []
         self.unrequested: list[Tensor] = []
 
-    def record(self, node: int, family: str, r_in: Tensor, r_out: Tensor) -> None:
+    def record(self, node: int, family: str, r_in: Tensor, r_out: Tensor, books: bool) -> None:
+        """Check node ``node`` in and out; ``books=False`` for parameter relevance (checked for
+        NaN, outside the books)."""
         self.nodes.append(node)
-        self.families.append(family)
-        self.diff.append(r_in - r_out)
+        self.families.append(family if books else "")
+        r_out = r_out.to(torch.float64)
+        self.diff.append((r_in.to(torch.float64) - r_out) if books else torch.zeros_like(r_out))
         self.check.append(r_out)
 
     def close(
@@ -132,6 +135,8 @@ class Ledger:
         report.absorbed = float(sum((t.double() for t in self.absorbed), torch.zeros(())))
         report.unrequested = float(sum((t.double() for t in self.unrequested), torch.zeros(())))
         for fam, d in zip(self.families, diffs.tolist(), strict=True):
+            if not fam:
+                continue
             report.by_family[fam] = report.by_family.get(fam, 0.0) + d
             if fam == "routing":  # elements replaced by constants (masked_fill, pad, ...)
                 report.absorbed += d

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .errors import ValueRecoveryError
 from .graph import Edge, Graph
+from .recording import NEEDS_RECORDING
 from .rules.base import OpEntry, ReplayContext
 
 LEAF, OWN_SAVED, CONSUMER_SAVED, REPLAY = "leaf", "own-saved", "consumer-saved", "replay"
@@ -110,12 +111,22 @@ class PromiseResolver:
                 self.plan.sources[e] = source
                 return v
         entry = self.entries[e[0]]
+        unrecorded = NEEDS_RECORDING.get(self.graph.names[e[0]])
+        if unrecorded is not None and unrecorded(self.graph.fns[e[0]]):
+            raise ValueRecoveryError(
+                f"Cannot recover the forward value of {self.graph.describe(e[0])}: one of its "
+                "operands is a constant autograd did not record (a Python scalar, a tensor that "
+                "does not require grad, a frozen bias, a fill value) and no node saved the "
+                "result, but a rule upstream needs it. Run the forward pass under "
+                "`with dynamiclrp.record() as rec:` and pass recording=rec to explain."
+            )
         if entry is None or entry.replay is None:
             raise ValueRecoveryError(
-                f"Cannot recover the forward value of output {e[1]} of {self.graph.describe(e[0])}: "
-                "no node saved it and the op has no replay rule. A rule upstream needs this value "
-                "(a promise passed through here). Add a replay entry for this op to the op table, "
-                "or pass this tensor's producer as an explicit input."
+                f"Cannot recover the forward value of output {e[1]} of "
+                f"{self.graph.describe(e[0])}: no node saved it and the op has no replay rule, "
+                "but a rule upstream needs it (a promise passed through here). Add a replay "
+                "entry for this op to the op table (dynamiclrp.rules), or run the forward pass "
+                "under dynamiclrp.record()."
             )
         self.plan.sources[e] = (REPLAY, e[0], "")
         return None

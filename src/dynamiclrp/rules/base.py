@@ -152,13 +152,6 @@ class RuleContext:
         return self.rules.rule_for(family, tensors)
 
 
-FROZEN_BIAS_REPLAY = (
-    "its bias does not require grad, so autograd did not record it and the layer's output "
-    "cannot be rebuilt. Keep the model's parameters requiring grad during the forward pass you "
-    "explain (the default; do not call model.requires_grad_(False))."
-)
-
-
 def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:
     """The bias of a layer whose bias did not require grad, as ``z - without_bias``.
 
@@ -175,7 +168,8 @@ def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:
             f"{ctx.fn.name()} (node {ctx.idx}): its bias does not require grad, so autograd kept "
             "neither the bias nor the layer's output, and the rule needs the full output z. Keep "
             "the model's parameters requiring grad during the forward pass you explain (the "
-            "default; do not call model.requires_grad_(False))."
+            "default), or run the forward pass under `with dynamiclrp.record() as rec:` and pass "
+            "recording=rec to explain."
         ) from err
 
 

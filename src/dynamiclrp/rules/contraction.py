@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..errors import ValueRecoveryError
-from .base import FROZEN_BIAS_REPLAY, OpEntry, RuleContext, frozen_bias, saved, sum_to_shape
+from .base import OpEntry, RuleContext, frozen_bias, saved, sum_to_shape
 from .linear import (
     LinearMap,
     bilinear_uniform,
@@ -159,8 +158,6 @@ def _conv_rule(ctx: RuleContext):
 def _conv_replay(c):
     fn = c.fn
     x, w = c.inputs[0], c.inputs[1]
-    if c.inputs[2] is None and _conv_has_bias(fn):
-        raise ValueRecoveryError(FROZEN_BIAS_REPLAY)
     z = _conv_map(fn).forward(x, w)
     if c.inputs[2] is not None:
         z = z + c.inputs[2].view(1, -1, *([1] * (z.dim() - 2)))

@@ -4,7 +4,8 @@ Binary, with broadcasting (``sum_to_shape`` undoes it, as the gradient does):
 
 - ``add`` / ``sub``, preset ``add="proportional"`` (the paper's eq. 4):
   ``R_a = R |a| / (|a| + |b|)``, ``R_b = R |b| / (|a| + |b|)``, where ``b`` is the term as added
-  (``alpha * b``, ``-alpha * b`` for sub); where ``|a| + |b| = 0`` nothing is passed on.
+  (``alpha * b``, ``-alpha * b`` for sub); where ``|a| + |b|`` is 0 or infinite (a ``-inf``
+  mask) nothing is passed on.
   ``add="signed"``: ``R_a = R a / stab(a + b)``.  A constant operand (bias, buffer) absorbs its share.
   A constant autograd did not record (a Python scalar or a tensor without grad) is rebuilt as
   ``out - a`` when the sum's value is known, and absorbs its share like a bias.  (Ops that do
@@ -42,16 +43,7 @@ def _operand(c: ReplayContext, slot: int, attr: str) -> Tensor:
 
 
 def _add_replay(sign: float):
-    def replay(c: ReplayContext):
-        if c.inputs[0] is None or c.inputs[1] is None:
-            raise ValueRecoveryError(
-                f"{c.fn.name()} adds a constant that autograd did not record (a Python scalar or "
-                "a tensor that does not require grad), so its output cannot be rebuilt. Make the "
-                "constant a tensor that requires grad."
-            )
-        return (c.inputs[0] + sign * _alpha(c) * c.inputs[1],)
-
-    return replay
+    return lambda c: (c.inputs[0] + sign * _alpha(c) * c.inputs[1],)
 
 
 def _alpha(ctx) -> float:
@@ -83,10 +75,9 @@ def _output_or_explain(ctx: RuleContext, slot: int) -> Tensor:
         raise ValueRecoveryError(
             f"{ctx.fn.name()} (node {ctx.idx}) adds a constant (operand {slot}: a Python scalar "
             "or a tensor that does not require grad) that autograd did not record, and no node "
-            "saved the sum, so the proportional rule cannot see the constant's size. Make the "
-            "constant an nn.Parameter (a constant that requires grad is recorded), or for an "
-            "additive attention mask use scaled_dot_product_attention (attn_implementation="
-            "'sdpa'), which saves its mask."
+            "saved the sum, so the proportional rule cannot see the constant's size. Run the "
+            "forward pass under `with dynamiclrp.record() as rec:` and pass recording=rec to "
+            "explain (it keeps exactly such results)."
         ) from err
 
 
@@ -99,7 +90,8 @@ def _split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]
         for m in mags[1:]:
             den = den + m
         g = torch.where(den > 0, r / torch.where(den > 0, den, 1), 0)
-        return [m * g for m in mags]
+        inf = torch.isinf(den)  # an infinite term (a -inf mask) takes nothing; NaN stays NaN
+        return [torch.where(inf, 0, m * g) for m in mags]
     z = terms[0]
     for t in terms[1:]:
         z = z + t

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ValueRecoveryError
-from .base import FROZEN_BIAS_REPLAY, OpEntry, RuleContext, frozen_bias, sum_to_shape
+from .base import OpEntry, RuleContext, frozen_bias, sum_to_shape
 from .linear import stabilize
 
 
@@ -103,16 +102,10 @@ def _batch_norm(ctx: RuleContext):
     return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
 
 
-def _refuse_frozen_bias(c, w) -> None:
-    if c.inputs[2] is None and c.fn.next_functions[2][0] is None and w is not None:
-        raise ValueRecoveryError(FROZEN_BIAS_REPLAY)
-
-
 def _bn_replay(c):
     fn = c.fn
     x, b = c.inputs[0], c.inputs[2]
     w = c.inputs[1] if c.inputs[1] is not None else fn._saved_weight
-    _refuse_frozen_bias(c, w)
     per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
     if fn._saved_training:
         mean, invstd = fn._saved_result1, fn._saved_result2
@@ -129,7 +122,6 @@ def _gn_replay(c):
     fn = c.fn
     x, b = c.inputs[0], c.inputs[2]
     w = c.inputs[1] if c.inputs[1] is not None else fn._saved_weight
-    _refuse_frozen_bias(c, w)
     n, groups = fn._saved_N, fn._saved_group
     mean = fn._saved_result1.reshape(n, groups, 1)
     rstd = fn._saved_result2.reshape(n, groups, 1)

@@ -33,6 +33,12 @@ def _slice(c: ReplayContext):
     return (x[tuple(idx)],)
 
 
+def _index(c: ReplayContext):
+    """``x[indices]``; autograd saves ``None`` for a full slice (``x[:, idx]``)."""
+    idx = tuple(slice(None) if i is None else i for i in c.saved("_saved_indices"))
+    return (c.inputs[0][idx],)
+
+
 def _split(c: ReplayContext):
     x, dim = c.inputs[0], c.saved("_saved_dim")
     sizes = getattr(c.fn, "_saved_split_sizes", None)
@@ -84,7 +90,7 @@ TABLE = {
         lambda c: (c.inputs[0].select(c.saved("_saved_dim"), c.saved("_saved_index")),)
     ),
     "SliceBackward0": _routing(_slice),
-    "IndexBackward0": _routing(lambda c: (c.inputs[0][tuple(c.saved("_saved_indices"))],)),
+    "IndexBackward0": _routing(_index),
     "IndexSelectBackward0": _routing(
         lambda c: (torch.index_select(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_index")),)
     ),

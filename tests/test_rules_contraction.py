@@ -1,0 +1,385 @@
+"""Contractions at engine level (``dynamiclrp.rules.contraction``): linear layers, convolutions,
+batched products, einsum, requested weights and per-layer rule overrides.
+
+Every layer is written here as a dense matrix ``M`` acting on one flattened sample (for
+convolutions ``M`` is built by pushing unit basis vectors through ``torch.nn.functional``), so the
+expected values are the textbook formulas:
+
+- epsilon rule: ``z = M x + b``, ``R_x = x * M^T (R / stab(z))``, the bias absorbs ``b R / stab(z)``;
+- weight relevance (requested Parameter): ``R_w = w * J_w^T (R / stab(z))``, i.e. the sum of the
+  term relevances ``x_i w_ij R_j / stab(z_j)`` per weight entry;
+- two data operands (``bmm``): each product term ``a_ik b_kj R_ij / stab(z_ij)`` gives half to each
+  factor;
+- z-plus (override): ``R_x = sum_j c+_ij R_j / stab(z+_j)``, ``z+_j = sum_i c+_ij + b+_j``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynamiclrp
+
+DT = torch.float64
+EPS = 0.01
+RULES = dynamiclrp.Rules(eps=EPS)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(g: torch.Generator, *shape: int, grad: bool = False) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=g, dtype=DT).requires_grad_(grad)
+
+
+def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    sign = torch.ones_like(z)
+    sign[z < 0] = -1.0
+    return z + eps * sign
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-8, atol: float = 1e-10):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def init_(module: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
+    module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * 0.5)
+    return module
+
+
+def dense(f, in_shape) -> torch.Tensor:
+    """The matrix of the linear map ``f`` (one sample of shape ``in_shape``, no bias)."""
+    n = int(torch.tensor(in_shape).prod())
+    with torch.no_grad():
+        cols = f(torch.eye(n, dtype=DT).reshape(n, *in_shape)).reshape(n, -1)
+    return cols.T  # (n_out, n_in)
+
+
+def epsilon_dense(M, x, b, R, eps):
+    """Epsilon rule per sample: ``x`` (B, n_in), ``b`` (n_out,) or None, ``R`` (B, n_out)."""
+    x = x.detach()
+    z = x @ M.T + (0 if b is None else b)
+    gz = R / stab(z, eps)
+    rx = x * (gz @ M)
+    rb = None if b is None else (b * gz)
+    return rx, rb, z
+
+
+# --- dense layers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("in_shape", [(3, 4), (2, 3, 4), (2, 2, 3, 4)])
+def test_nn_linear(in_shape, bias: bool) -> None:
+    g = gen(0)
+    lin = init_(torch.nn.Linear(4, 5, bias=bias), g)
+    x = randn(g, *in_shape, grad=True)
+    out = lin(x)
+    R = randn(g, *out.shape)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, rules=RULES, return_report=True)
+    W = lin.weight.detach()
+    b = lin.bias.detach() if bias else None
+    ex, eb, z = epsilon_dense(W, x.reshape(-1, 4), b, R.reshape(-1, 5), EPS)
+    close(z, out.detach().reshape(-1, 5))
+    close(rx, ex.reshape(x.shape))
+    assert rep.absorbed == pytest.approx(0.0 if eb is None else float(eb.sum()), abs=1e-9)
+    assert abs(rep.residual) < 1e-9
+
+
+def test_linear_by_hand_loops() -> None:
+    g = gen(1)
+    lin = init_(torch.nn.Linear(3, 2), g)
+    x, R = randn(g, 1, 3, grad=True), randn(g, 1, 2)
+    rx = dynamiclrp.explain(lin(x), x, relevance=R, rules=RULES)
+    W, b, xd = lin.weight.detach(), lin.bias.detach(), x.detach()
+    for i in range(3):
+        tot = 0.0
+        for j in range(2):
+            z = sum(float(xd[0, k] * W[j, k]) for k in range(3)) + float(b[j])
+            tot += float(xd[0, i] * W[j, i]) * float(R[0, j]) / (z + EPS * (1 if z >= 0 else -1))
+        assert float(rx[0, i]) == pytest.approx(tot, rel=1e-10)
+
+
+def test_addmm_alpha_beta() -> None:
+    g = gen(2)
+    x, W, b, R = (
+        randn(g, 3, 4, grad=True),
+        torch.nn.Parameter(randn(g, 4, 5)),
+        torch.nn.Parameter(randn(g, 5)),
+        randn(g, 3, 5),
+    )
+    out = torch.addmm(b, x, W, beta=2.0, alpha=0.5)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, rules=RULES, return_report=True)
+    M = 0.5 * W.detach().T
+    ex, eb, _ = epsilon_dense(M, x, 2.0 * b.detach(), R, EPS)
+    close(rx, ex)
+    assert rep.absorbed == pytest.approx(float(eb.sum()), abs=1e-9)
+
+
+def test_matmul_with_constant_weight_first() -> None:
+    """``W @ x`` with the weight as the first operand: the data operand is the second one."""
+    g = gen(3)
+    W, x, R = torch.nn.Parameter(randn(g, 5, 4)), randn(g, 4, 3, grad=True), randn(g, 5, 3)
+    rx = dynamiclrp.explain(W @ x, x, relevance=R, rules=RULES)
+    ex, _, _ = epsilon_dense(W.detach(), x.T, None, R.T, EPS)
+    close(rx, ex.T)
+
+
+# --- two data operands -----------------------------------------------------------------------
+
+
+def test_bmm_of_two_data_operands_uniform() -> None:
+    g = gen(4)
+    a, b, R = randn(g, 2, 3, 4, grad=True), randn(g, 2, 4, 5, grad=True), randn(g, 2, 3, 5)
+    (ra, rb), rep = dynamiclrp.explain(
+        torch.bmm(a, b), [a, b], relevance=R, rules=RULES, return_report=True
+    )
+    ad, bd = a.detach(), b.detach()
+    z = torch.einsum("nik,nkj->nij", ad, bd)
+    T = torch.einsum("nik,nkj->nikj", ad, bd) * (R / stab(z, EPS)).unsqueeze(2)
+    close(ra, 0.5 * T.sum(3))
+    close(rb, 0.5 * T.sum(1))
+    close(ra.sum(), rb.sum())
+    assert abs(rep.residual) < 1e-9
+
+
+def test_mm_of_two_data_operands_uniform() -> None:
+    g = gen(5)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 4, 2, grad=True), randn(g, 3, 2)
+    ra, rb = dynamiclrp.explain(a @ b, [a, b], relevance=R, rules=RULES)
+    z = a.detach() @ b.detach()
+    T = torch.einsum("ik,kj->ikj", a.detach(), b.detach()) * (R / stab(z, EPS)).unsqueeze(1)
+    close(ra, 0.5 * T.sum(2))
+    close(rb, 0.5 * T.sum(0))
+
+
+# --- convolutions ----------------------------------------------------------------------------
+
+CONVS = {
+    "conv1d_s2_p1": lambda: torch.nn.Conv1d(2, 3, 3, stride=2, padding=1),
+    "conv1d_dil2_groups2": lambda: torch.nn.Conv1d(4, 2, 2, dilation=2, groups=2),
+    "conv2d_s2_p1": lambda: torch.nn.Conv2d(2, 3, 3, stride=2, padding=1),
+    "conv2d_dil2_p2": lambda: torch.nn.Conv2d(2, 2, 3, padding=2, dilation=2),
+    "conv2d_groups2_rect": lambda: torch.nn.Conv2d(4, 4, (2, 3), stride=(1, 2), groups=2),
+    "conv2d_depthwise_nobias": lambda: torch.nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False),
+    "conv3d_s2_p1": lambda: torch.nn.Conv3d(2, 2, 3, stride=2, padding=1),
+    "convT2d_s2": lambda: torch.nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),
+    "convT2d_groups": lambda: torch.nn.ConvTranspose2d(4, 2, 2, stride=1, groups=2, dilation=2),
+}
+IN_SHAPES = {"conv1d": (7,), "conv2d": (5, 6), "conv3d": (4, 4, 4), "convT2d": (3, 4)}
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_convolutions(name: str) -> None:
+    g = gen(6)
+    conv = init_(CONVS[name](), g)
+    spatial = IN_SHAPES[name.split("_")[0]]
+    cin = conv.in_channels
+    x = randn(g, 2, cin, *spatial, grad=True)
+    out = conv(x)
+    R = randn(g, *out.shape)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, rules=RULES, return_report=True)
+    conv_nb = type(conv)(**_conv_kwargs(conv)).double()
+    with torch.no_grad():
+        conv_nb.weight.copy_(conv.weight)
+    M = dense(conv_nb, (cin, *spatial))
+    b = None
+    if conv.bias is not None:
+        b = conv.bias.detach().repeat_interleave(out[0, 0].numel())
+    ex, eb, z = epsilon_dense(M, x.reshape(2, -1), b, R.reshape(2, -1), EPS)
+    close(z, out.detach().reshape(2, -1))
+    close(rx, ex.reshape(x.shape))
+    assert rep.absorbed == pytest.approx(0.0 if eb is None else float(eb.sum()), abs=1e-9)
+
+
+def _conv_kwargs(conv) -> dict:
+    kw = dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=False,
+    )
+    if isinstance(conv, torch.nn.ConvTranspose2d):
+        kw["output_padding"] = conv.output_padding
+    return kw
+
+
+# --- einsum ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eq", ["bi,oi->bo", "bti,io->bto", "oi,bi->bo"])
+def test_einsum_with_a_weight(eq: str) -> None:
+    g = gen(7)
+    if eq == "bti,io->bto":
+        x, W = randn(g, 2, 3, 4, grad=True), torch.nn.Parameter(randn(g, 4, 5))
+        out = torch.einsum(eq, x, W)
+        M = W.detach().T
+    elif eq == "bi,oi->bo":
+        x, W = randn(g, 3, 4, grad=True), torch.nn.Parameter(randn(g, 5, 4))
+        out = torch.einsum(eq, x, W)
+        M = W.detach()
+    else:
+        x, W = randn(g, 3, 4, grad=True), torch.nn.Parameter(randn(g, 5, 4))
+        out = torch.einsum(eq, W, x)
+        M = W.detach()
+    R = randn(g, *out.shape)
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=RULES)
+    ex, _, _ = epsilon_dense(M, x.reshape(-1, 4), None, R.reshape(-1, 5), EPS)
+    close(rx, ex.reshape(x.shape))
+
+
+# --- requested weights -----------------------------------------------------------------------
+
+
+def test_requested_linear_weight() -> None:
+    g = gen(8)
+    lin = init_(torch.nn.Linear(4, 3), g)
+    x = randn(g, 5, 4, grad=True)
+    out = lin(x)
+    R = randn(g, 5, 3)
+    rx_alone = dynamiclrp.explain(out, x, relevance=R, rules=RULES)
+    (rx, rw), rep = dynamiclrp.explain(
+        out, [x, lin.weight], relevance=R, rules=RULES, return_report=True
+    )
+    close(rx, rx_alone)
+    xd, W, b = x.detach(), lin.weight.detach(), lin.bias.detach()
+    gz = R / stab(xd @ W.T + b, EPS)
+    T = xd[:, None, :] * W[None, :, :] * gz[:, :, None]  # (batch, out, in) term relevances
+    close(rw, T.sum(0))
+    close(rx, T.sum(1))
+    assert rep.parameters[1] == pytest.approx(float(rw.sum()))
+    assert rep.inputs[0] == pytest.approx(float(rx.sum()))
+
+
+def test_requested_linear_weight_keeps_the_books() -> None:
+    g = gen(8)
+    lin = init_(torch.nn.Linear(4, 3), g)
+    x = randn(g, 5, 4, grad=True)
+    out = lin(x)
+    R = randn(g, 5, 3)
+    _, rep_alone = dynamiclrp.explain(out, x, relevance=R, rules=RULES, return_report=True)
+    _, rep = dynamiclrp.explain(out, [x, lin.weight], relevance=R, rules=RULES, return_report=True)
+    assert rep.absorbed == pytest.approx(rep_alone.absorbed)
+    assert abs(rep.residual) < 1e-9
+
+
+def test_requested_conv_weight() -> None:
+    g = gen(9)
+    conv = init_(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), g)
+    x = randn(g, 2, 2, 5, 5, grad=True)
+    out = conv(x)
+    R = randn(g, *out.shape)
+    rx_alone = dynamiclrp.explain(out, x, relevance=R, rules=RULES)
+    rx, rw = dynamiclrp.explain(out, [x, conv.weight], relevance=R, rules=RULES)
+    close(rx, rx_alone)
+    # J_w^T g by autograd on a fresh conv (not dynamiclrp): d/dw <conv(x, w), g>
+    gz = R / stab(out.detach(), EPS)
+    w = conv.weight.detach().clone().requires_grad_()
+    (jw,) = torch.autograd.grad(F.conv2d(x.detach(), w, None, 2, 1), w, gz)
+    close(rw, conv.weight.detach() * jw)
+
+
+def test_requested_weight_two_layers_upstream_flow_unchanged() -> None:
+    """Requesting the first layer's weight changes nothing about x's relevance."""
+    g = gen(10)
+    net = init_(
+        torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)), g
+    )
+    x = randn(g, 2, 4, grad=True)
+    out = net(x)
+    R = randn(g, 2, 3)
+    rx_alone = dynamiclrp.explain(out, x, relevance=R, rules=RULES)
+    rx, rw0, rw2 = dynamiclrp.explain(
+        out, [x, net[0].weight, net[2].weight], relevance=R, rules=RULES
+    )
+    close(rx, rx_alone)
+    # by hand: layer 2 epsilon, relu identity, layer 1 epsilon; weights from the same terms
+    h = net[0](x).detach()
+    a = torch.relu(h)
+    W2, b2, W0, b0 = (p.detach() for p in (net[2].weight, net[2].bias, net[0].weight, net[0].bias))
+    g2 = R / stab(a @ W2.T + b2, EPS)
+    ra = a * (g2 @ W2)
+    g0 = ra / stab(h, EPS)
+    close(rx, x.detach() * (g0 @ W0))
+    close(rw2, W2 * (g2.T @ a))
+    close(rw0, W0 * (g0.T @ x.detach()))
+
+
+# --- per-layer override ----------------------------------------------------------------------
+
+
+def zplus_dense(W, x, b, R, eps):
+    x = x.detach()
+    c = x[:, None, :] * W[None, :, :]  # (batch, out, in)
+    cp = c.clamp(min=0)
+    zp = cp.sum(2) + (0 if b is None else b.clamp(min=0))
+    return (cp * (R / stab(zp, eps))[:, :, None]).sum(1)
+
+
+@pytest.mark.parametrize("which", [0, 2])
+def test_override_changes_one_layer_only(which: int) -> None:
+    g = gen(11)
+    net = init_(
+        torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)), g
+    )
+    x = randn(g, 3, 4, grad=True)
+    out = net(x)
+    R = randn(g, 3, 3)
+    eps = 1e-6
+    rules = dynamiclrp.preset("epsilon").override(dynamiclrp.ZPlus(), params=[net[which].weight])
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=rules)
+    h = net[0](x).detach()
+    a = torch.relu(h)
+    W2, b2, W0, b0 = (p.detach() for p in (net[2].weight, net[2].bias, net[0].weight, net[0].bias))
+
+    def layer(W, inp, b, r, use_zplus: bool):
+        return zplus_dense(W, inp, b, r, eps) if use_zplus else epsilon_dense(W, inp, b, r, eps)[0]
+
+    ra = layer(W2, a, b2, R, which == 2)
+    ex = layer(W0, x, b0, ra, which == 0)
+    close(rx, ex, rtol=1e-7)
+    plain = dynamiclrp.explain(out, x, relevance=R, rules="epsilon")
+    assert not torch.allclose(rx, plain)
+
+
+def test_override_on_conv_layer() -> None:
+    g = gen(12)
+    conv = init_(torch.nn.Conv1d(2, 3, 3, padding=1), g)
+    x = randn(g, 2, 2, 5, grad=True)
+    out = conv(x)
+    R = randn(g, *out.shape)
+    rules = dynamiclrp.Rules(eps=EPS).override(dynamiclrp.ZPlus(), params=[conv.weight])
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=rules)
+    conv_nb = torch.nn.Conv1d(2, 3, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        conv_nb.weight.copy_(conv.weight)
+    M = dense(conv_nb, (2, 5))
+    b = conv.bias.detach().repeat_interleave(5)
+    ex = zplus_dense(M, x.reshape(2, -1), b, R.reshape(2, -1), EPS)
+    close(rx, ex.reshape(x.shape))
+
+
+def test_override_rule_also_gives_the_requested_weight() -> None:
+    """With z-plus on a layer, the layer's requested weight gets the z-plus term relevances."""
+    g = gen(13)
+    lin = init_(torch.nn.Linear(4, 3), g)
+    x = randn(g, 5, 4, grad=True)
+    out = lin(x)
+    R = randn(g, 5, 3)
+    rules = dynamiclrp.Rules(eps=EPS).override(dynamiclrp.ZPlus(), params=[lin.weight])
+    rx, rw = dynamiclrp.explain(out, [x, lin.weight], relevance=R, rules=rules)
+    xd, W, b = x.detach(), lin.weight.detach(), lin.bias.detach()
+    cp = (xd[:, None, :] * W[None, :, :]).clamp(min=0)  # (batch, out, in)
+    T = cp * (R / stab(cp.sum(2) + b.clamp(min=0), EPS))[:, :, None]
+    close(rx, T.sum(1))
+    close(rw, T.sum(0))

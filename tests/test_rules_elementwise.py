@@ -1,0 +1,441 @@
+"""Element-wise rules (``dynamiclrp.rules.elementwise``) run through the engine.
+
+Each test builds a tiny float64 graph whose output is the op under test, seeds an explicit random
+relevance ``R`` and compares what :func:`dynamiclrp.explain` returns with the formula of the module
+docstring written out here with plain torch ops:
+
+- add / sub, ``add="proportional"``: ``R_a = R |a| / (|a| + |b|)`` with ``b`` the term as added
+  (``alpha * b``, ``-alpha * b``); ``add="signed"``: ``R_a = R a / stab(a + b)``; a constant operand
+  absorbs its share; a Python scalar shift is the identity;
+- mul / div: two full-shape data operands get ``R / 2`` each; a broadcast statistic or a constant
+  gets nothing (``R_x = R``);
+- unary ops: identity.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dynamiclrp
+
+DT = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(g: torch.Generator, *shape: int, grad: bool = False) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=g, dtype=DT).requires_grad_(grad)
+
+
+def param(g: torch.Generator, *shape: int) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=DT))
+
+
+def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    sign = torch.ones_like(z)
+    sign[z < 0] = -1.0
+    return z + eps * sign
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9, atol: float = 1e-10):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def prop(r: torch.Tensor, *terms: torch.Tensor) -> list[torch.Tensor]:
+    """Proportional split of ``r`` over ``terms`` (full shape, no zero denominators here)."""
+    mags = [t.detach().abs() for t in terms]
+    den = sum(mags)
+    return [r * m / den for m in mags]
+
+
+SIGNED = dynamiclrp.Rules(add="signed", eps=0.05)  # large eps: a wrong denominator shows
+
+
+# --- add / sub -------------------------------------------------------------------------------
+
+
+def test_add_broadcast_two_data_operands() -> None:
+    g = gen(0)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 4, grad=True), randn(g, 3, 4)
+    (ra, rb), rep = dynamiclrp.explain(a + b, [a, b], relevance=R, return_report=True)
+    ea, eb = prop(R, a, b.expand(3, 4))
+    close(ra, ea)
+    close(rb, eb.sum(0))
+    close(ra.sum() + rb.sum(), R.sum())
+    assert abs(rep.residual) < 1e-9 and abs(rep.absorbed) < 1e-12
+
+
+def test_add_broadcast_first_operand_smaller() -> None:
+    g = gen(1)
+    a, b, R = randn(g, 2, 1, 4, grad=True), randn(g, 3, 1, grad=True), randn(g, 2, 3, 4)
+    ra, rb = dynamiclrp.explain(a + b, [a, b], relevance=R)
+    ea, eb = prop(R, a.expand(2, 3, 4), b.expand(2, 3, 4))
+    close(ra, ea.sum(1, keepdim=True))
+    close(rb, eb.sum((0, 2)).reshape(3, 1))
+
+
+@pytest.mark.parametrize("bias_first", [False, True])
+def test_add_bias_parameter_absorbs_its_share(bias_first: bool) -> None:
+    g = gen(2)
+    x, bias, R = randn(g, 3, 4, grad=True), param(g, 4), randn(g, 3, 4)
+    out = bias + x if bias_first else x + bias
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, return_report=True)
+    ex, eb = prop(R, x, bias.expand(3, 4))
+    close(rx, ex)
+    assert rep.absorbed == pytest.approx(float(eb.sum()), abs=1e-10)
+    assert rep.inputs[0] == pytest.approx(float(ex.sum()), abs=1e-10)
+    assert abs(rep.residual) < 1e-9
+    assert abs(eb.sum()) > 1e-3  # the bias's share is not trivially zero
+
+
+def test_sub_two_data_operands() -> None:
+    g = gen(3)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    ra, rb = dynamiclrp.explain(a - b, [a, b], relevance=R)
+    ea, eb = prop(R, a, -b)
+    close(ra, ea)
+    close(rb, eb)
+
+
+def test_sub_bias_parameter() -> None:
+    g = gen(4)
+    x, bias, R = randn(g, 3, 4, grad=True), param(g, 4), randn(g, 3, 4)
+    rx, rep = dynamiclrp.explain(x - bias, x, relevance=R, return_report=True)
+    ex, eb = prop(R, x, bias.expand(3, 4))
+    close(rx, ex)
+    assert rep.absorbed == pytest.approx(float(eb.sum()), abs=1e-10)
+
+
+def test_sub_constant_tensor_inside_graph() -> None:
+    """``x - c`` (``c`` a buffer-like tensor, not in the graph), its value readable downstream:
+    ``x`` keeps ``|x| / (|x| + |c|)``, not half and not nothing."""
+    g = gen(5)
+    x, c, w, R = randn(g, 3, 4, grad=True), randn(g, 3, 4), param(g, 4), randn(g, 3, 4)
+    out = (x - c) * w  # mul by a Parameter: all of R to x - c, and it saves x - c
+    rx = dynamiclrp.explain(out, x, relevance=R)
+    close(rx, prop(R, x, c)[0])
+    # a constant that is zero where x is not: x must get everything there
+    c0 = torch.zeros(3, 4, dtype=DT)
+    rx0 = dynamiclrp.explain((x - c0) * w, x, relevance=R)
+    close(rx0, R)
+
+
+def test_sub_constant_tensor_share_is_absorbed_in_report() -> None:
+    g = gen(5)
+    x, c, w, R = randn(g, 3, 4, grad=True), randn(g, 3, 4), param(g, 4), randn(g, 3, 4)
+    _, rep = dynamiclrp.explain((x - c) * w, x, relevance=R, return_report=True)
+    assert rep.absorbed == pytest.approx(float(prop(R, x, c)[1].sum()), abs=1e-10)
+
+
+def test_add_constant_tensor_at_the_output() -> None:
+    """``x + c`` as the explained output: the sum's value is the output itself."""
+    g = gen(6)
+    x, c, R = randn(g, 3, 4, grad=True), randn(g, 3, 4), randn(g, 3, 4)
+    rx, rep = dynamiclrp.explain(x + c, x, relevance=R, return_report=True)
+    ex, ec = prop(R, x, c)
+    close(rx, ex)
+    assert rep.absorbed == pytest.approx(float(ec.sum()), abs=1e-10)
+
+
+def test_add_constant_tensor_unrecoverable_value_fails_loudly() -> None:
+    """``relu(x + c)``: relu keeps only its result, so the sum (and ``c``) is lost; the engine must
+    say so instead of guessing."""
+    g = gen(6)
+    x, c, R = randn(g, 3, 4, grad=True), randn(g, 3, 4), randn(g, 3, 4)
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="did not record"):
+        dynamiclrp.explain(torch.relu(x + c), x, relevance=R)
+
+
+SCALAR_SHIFTS = {
+    "x+1": lambda x: x + 1.0,
+    "1+x": lambda x: 1.0 + x,
+    "x-1": lambda x: x - 1.0,
+    "sub_alpha": lambda x: torch.sub(x, 1.5, alpha=2),
+    "1-x": lambda x: 1.0 - x,
+}
+SCALAR_TERMS = {  # the constant as it enters the sum (None: recorded as a unary op, identity)
+    "x+1": 1.0,
+    "1+x": 1.0,
+    "x-1": -1.0,
+    "sub_alpha": -3.0,
+    "1-x": None,
+}
+
+
+@pytest.mark.parametrize("name", list(SCALAR_SHIFTS))
+@pytest.mark.parametrize("where", ["root", "under_gelu"])
+def test_python_scalar_shift_absorbs_its_share(name: str, where: str) -> None:
+    """torch 2.13 records ``x + c`` as AddBackward0 with an unrecorded constant: the constant is a
+    bias and absorbs ``|c| / (|x| + |c|)`` (design decision, docs/rules.md); ``c - x`` is recorded
+    as RsubBackward1, a unary op: identity."""
+    g = gen(7)
+    x, R = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    y = SCALAR_SHIFTS[name](x)
+    out = y if where == "root" else F.gelu(y)  # gelu saves its input: the shift's value is there
+    rx = dynamiclrp.explain(out, x, relevance=R)
+    c = SCALAR_TERMS[name]
+    xd = x.detach()
+    close(rx, R if c is None else R * xd.abs() / (xd.abs() + abs(c)))
+
+
+@pytest.mark.parametrize("op", ["add", "sub"])
+def test_alpha_scales_the_second_term(op: str) -> None:
+    g = gen(8)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    out = torch.add(a, b, alpha=2) if op == "add" else torch.sub(a, b, alpha=2)
+    ra, rb = dynamiclrp.explain(out, [a, b], relevance=R)
+    sign = 1.0 if op == "add" else -1.0
+    ea, eb = prop(R, a, sign * 2 * b)
+    close(ra, ea)
+    close(rb, eb)
+    close(ra + rb, R)
+
+
+def test_alpha_with_bias_parameter() -> None:
+    g = gen(9)
+    x, bias, R = randn(g, 3, 4, grad=True), param(g, 4), randn(g, 3, 4)
+    rx, rep = dynamiclrp.explain(torch.add(x, bias, alpha=3), x, relevance=R, return_report=True)
+    ex, eb = prop(R, x, 3 * bias.expand(3, 4))
+    close(rx, ex)
+    assert rep.absorbed == pytest.approx(float(eb.sum()), abs=1e-10)
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "add_alpha"])
+def test_signed_variant(op: str) -> None:
+    g = gen(10)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 4, grad=True), randn(g, 3, 4)
+    if op == "add":
+        out, tb = a + b, b.detach()
+    elif op == "sub":
+        out, tb = a - b, -b.detach()
+    else:
+        out, tb = torch.add(a, b, alpha=-0.5), -0.5 * b.detach()
+    ra, rb = dynamiclrp.explain(out, [a, b], relevance=R, rules=SIGNED)
+    gz = R / stab(a.detach() + tb, SIGNED.eps)
+    close(ra, a.detach() * gz)
+    close(rb, (tb * gz).sum(0))
+
+
+def test_signed_variant_bias_absorbs() -> None:
+    g = gen(11)
+    x, bias, R = randn(g, 3, 4, grad=True), param(g, 4), randn(g, 3, 4)
+    rx, rep = dynamiclrp.explain(x + bias, x, relevance=R, rules=SIGNED, return_report=True)
+    gz = R / stab(x.detach() + bias.detach(), SIGNED.eps)
+    close(rx, x.detach() * gz)
+    assert rep.absorbed == pytest.approx(float((bias.detach() * gz).sum()), abs=1e-10)
+    assert abs(rep.residual) < 1e-9
+
+
+def test_signed_preset_epsilon_uses_signed_add() -> None:
+    g = gen(12)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    ra, rb = dynamiclrp.explain(a + b, [a, b], relevance=R, rules="epsilon")
+    gz = R / stab(a.detach() + b.detach(), 1e-6)
+    close(ra, a.detach() * gz, rtol=1e-7)
+    close(rb, b.detach() * gz, rtol=1e-7)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    keep=st.lists(st.booleans(), min_size=3, max_size=3),
+    drop=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+    swap=st.booleans(),
+)
+def test_proportional_add_conserves_for_broadcast_shapes(shape, keep, drop, seed, swap) -> None:
+    g = gen(seed)
+    drop = min(drop, len(shape) - 1)
+    b_shape = [s if k else 1 for s, k in zip(shape, keep, strict=False)][drop:]
+    a, b = randn(g, *shape, grad=True), randn(g, *b_shape, grad=True)
+    first, second = (b, a) if swap else (a, b)
+    out = first + second
+    R = randn(g, *out.shape)
+    r1, r2 = dynamiclrp.explain(out, [first, second], relevance=R)
+    assert r1.shape == first.shape and r2.shape == second.shape
+    close(r1.sum() + r2.sum(), R.sum(), rtol=1e-9, atol=1e-9)
+    e1, e2 = prop(R, first.expand(out.shape), second.expand(out.shape))
+    close(r1, e1.sum_to_size(first.shape))
+    close(r2, e2.sum_to_size(second.shape))
+
+
+# --- mul / div -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["mul", "div"])
+def test_product_of_two_full_shape_data_operands_halves(op: str) -> None:
+    g = gen(13)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    out = a * b if op == "mul" else a / b
+    (ra, rb), rep = dynamiclrp.explain(out, [a, b], relevance=R, return_report=True)
+    close(ra, R / 2)
+    close(rb, R / 2)
+    assert abs(rep.residual) < 1e-9
+
+
+def test_product_data_times_data_via_linear() -> None:
+    """Both operands computed from data (two linear maps of x): half of R reaches each branch."""
+    g = gen(14)
+    x, R = randn(g, 2, 3, grad=True), randn(g, 2, 4)
+    w1, w2 = param(g, 4, 3), param(g, 4, 3)
+    u, v = F.linear(x, w1), F.linear(x, w2)
+    rx = dynamiclrp.explain(u * v, x, relevance=R)
+    xd = x.detach()
+    eps = 1e-6
+    ex = sum(xd * (((R / 2) / stab(xd @ w.detach().T, eps)) @ w.detach()) for w in (w1, w2))
+    close(rx, ex, rtol=1e-7)
+
+
+def test_rmsnorm_from_primitives_gives_all_to_x() -> None:
+    g = gen(15)
+    x, w, R = randn(g, 3, 5, grad=True), param(g, 5), randn(g, 3, 5)
+    stat = torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5)
+    out = x * stat * w
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, return_report=True)
+    close(rx, R)
+    assert abs(rep.residual) < 1e-9
+
+
+@pytest.mark.parametrize("order", ["x_first", "stat_first", "div"])
+def test_broadcast_statistic_is_held_constant(order: str) -> None:
+    g = gen(16)
+    x, R = randn(g, 2, 3, 4, grad=True), randn(g, 2, 3, 4)
+    var = x.pow(2).mean(-1, keepdim=True) + 0.1
+    if order == "x_first":
+        out = x * torch.rsqrt(var)
+    elif order == "stat_first":
+        out = torch.rsqrt(var) * x
+    else:
+        out = x / torch.sqrt(var)
+    close(dynamiclrp.explain(out, x, relevance=R), R)
+
+
+CONST_PRODUCTS = {
+    "x*c": lambda x, c, p: x * c,
+    "c*x": lambda x, c, p: c * x,
+    "c_row*x": lambda x, c, p: c[0] * x,
+    "x/c": lambda x, c, p: x / c,
+    "x*p": lambda x, c, p: x * p,
+    "p*x": lambda x, c, p: p * x,
+    "x/p": lambda x, c, p: x / p,
+    "2*x": lambda x, c, p: 2.0 * x,
+    "x*2": lambda x, c, p: x * 2.0,
+    "x/2": lambda x, c, p: x / 2.0,
+    "neg": lambda x, c, p: -x,
+    "x.mul(c).div(p)": lambda x, c, p: x.mul(c).div(p),
+}
+
+
+@pytest.mark.parametrize("name", list(CONST_PRODUCTS))
+def test_product_with_constant_is_identity(name: str) -> None:
+    g = gen(17)
+    x, c, p, R = randn(g, 3, 4, grad=True), randn(g, 3, 4), param(g, 4), randn(g, 3, 4)
+    out = CONST_PRODUCTS[name](x, c, p)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, return_report=True)
+    close(rx, R)
+    assert abs(rep.residual) < 1e-9
+
+
+# --- unary -----------------------------------------------------------------------------------
+
+POS = {"log", "sqrt", "rsqrt", "pow_half"}
+UNARY = {
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "softplus": lambda t: F.softplus(t, beta=2.0, threshold=1.0),
+    "exp": torch.exp,
+    "log": torch.log,
+    "pow": lambda t: t**3,
+    "pow_half": lambda t: t.pow(0.5),
+    "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt,
+    "abs": torch.abs,
+    "clamp": lambda t: t.clamp(-0.3, 0.5),
+    "clamp_min": lambda t: t.clamp(min=-0.2),
+    "clamp_max": lambda t: t.clamp(max=0.4),
+    "leaky_relu": lambda t: F.leaky_relu(t, 0.2),
+    "elu": lambda t: F.elu(t, alpha=0.7),
+    "selu": F.selu,
+    "hardswish": F.hardswish,
+    "hardtanh": lambda t: F.hardtanh(t, -0.4, 0.6),
+    "mish": F.mish,
+    "erf": torch.erf,
+    "neg": torch.neg,
+    "reciprocal": torch.reciprocal,
+}
+
+
+def _unary_input(name: str, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(3, 4, generator=g, dtype=DT) * 2
+    if name in POS:
+        x = x.abs() + 0.1
+    return x.requires_grad_()
+
+
+@pytest.mark.parametrize("name", list(UNARY))
+def test_unary_is_identity(name: str) -> None:
+    g = gen(18)
+    x, R = _unary_input(name, g), randn(g, 3, 4)
+    out = UNARY[name](x)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, return_report=True)
+    close(rx, R)
+    assert abs(rep.residual) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(UNARY))
+def test_unary_value_is_recovered_for_a_downstream_add(name: str) -> None:
+    """``f(x) + bias``: the add rule needs ``f(x)``, which comes from ``f``'s saved tensors or its
+    replay; a wrong replay (wrong exponent, slope, approximation, ...) changes the split."""
+    g = gen(19)
+    x, bias, R = _unary_input(name, g), param(g, 4), randn(g, 3, 4)
+    f = UNARY[name]
+    rx = dynamiclrp.explain(f(x) + bias, x, relevance=R)
+    with torch.no_grad():
+        fx = f(x)
+    close(rx, prop(R, fx, bias.expand(3, 4))[0])
+
+
+# --- where -----------------------------------------------------------------------------------
+
+
+def test_where_routes_by_condition() -> None:
+    g = gen(20)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    cond = randn(g, 3, 4) > 0
+    assert cond.any() and (~cond).any()
+    (ra, rb), rep = dynamiclrp.explain(
+        torch.where(cond, a, b), [a, b], relevance=R, return_report=True
+    )
+    close(ra, torch.where(cond, R, 0.0))
+    close(rb, torch.where(cond, 0.0, R))
+    assert abs(rep.residual) < 1e-12 and abs(rep.absorbed) < 1e-12
+
+
+def test_where_broadcast_condition_and_operand() -> None:
+    g = gen(21)
+    a, b, R = randn(g, 3, 4, grad=True), randn(g, 4, grad=True), randn(g, 3, 4)
+    cond = torch.tensor([True, False, True, False])
+    ra, rb = dynamiclrp.explain(torch.where(cond, a, b), [a, b], relevance=R)
+    close(ra, torch.where(cond, R, 0.0))
+    close(rb, torch.where(cond, 0.0, R).sum(0))
+
+
+def test_where_constant_branch_absorbs() -> None:
+    g = gen(22)
+    x, c, R = randn(g, 3, 4, grad=True), randn(g, 3, 4), randn(g, 3, 4)
+    cond = randn(g, 3, 4) > 0
+    rx, rep = dynamiclrp.explain(torch.where(cond, x, c), x, relevance=R, return_report=True)
+    close(rx, torch.where(cond, R, 0.0))
+    assert rep.absorbed == pytest.approx(float(R[~cond].sum()), abs=1e-10)
+    assert abs(rep.residual) < 1e-10

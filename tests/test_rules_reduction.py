@@ -1,0 +1,400 @@
+"""Reductions (``dynamiclrp.rules.reduction``) and max-type routing, through the engine.
+
+Every linear reduction is written here as an explicit matrix ``M`` (one row per output element, one
+column per input element), built from index loops, never from the pooling functions themselves.
+The rules of the module docstring then read:
+
+- ``reduction="proportional"``: ``R_x = |x| * M^T (R / (M |x|))``, zero for all-zero groups;
+- ``reduction="signed"``: ``R_x = x * M^T (R / stab(M x))``;
+- max-type reductions: all of ``R`` to the arg-max of each group.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dynamiclrp
+
+DT = torch.float64
+SIGNED = dynamiclrp.Rules(reduction="signed", eps=0.05)  # a large eps: a wrong z shows
+PROP = dynamiclrp.Rules()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(g: torch.Generator, *shape: int, grad: bool = False) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=g, dtype=DT).requires_grad_(grad)
+
+
+def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    sign = torch.ones_like(z)
+    sign[z < 0] = -1.0
+    return z + eps * sign
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9, atol: float = 1e-10):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def expected(M: torch.Tensor, x: torch.Tensor, R: torch.Tensor, rules) -> torch.Tensor:
+    """The rule for ``z = M x`` (``x`` and ``R`` flattened), reshaped to ``x``'s shape."""
+    xv, rv = x.detach().reshape(-1), R.reshape(-1)
+    if rules.reduction == "proportional":
+        ax = xv.abs()
+        den = M @ ax
+        gz = torch.where(den > 0, rv / torch.where(den > 0, den, 1.0), 0.0)
+        return (ax * (M.T @ gz)).reshape(x.shape)
+    gz = rv / stab(M @ xv, rules.eps)
+    return (xv * (M.T @ gz)).reshape(x.shape)
+
+
+def flat_index(shape, idx) -> int:
+    out = 0
+    for s, i in zip(shape, idx, strict=True):
+        out = out * s + i
+    return out
+
+
+def reduce_matrix(shape, dims, mean: bool) -> tuple[torch.Tensor, list[int]]:
+    """``M`` of a sum or mean over ``dims`` (keepdim layout irrelevant: rows in output order)."""
+    dims = sorted(d % len(shape) for d in dims)
+    kept = [d for d in range(len(shape)) if d not in dims]
+    out_shape = [shape[d] for d in kept]
+    n_out = math.prod(out_shape)
+    group = math.prod(shape[d] for d in dims)
+    M = torch.zeros(n_out, math.prod(shape), dtype=DT)
+    for idx in itertools.product(*(range(s) for s in shape)):
+        row = flat_index(out_shape, [idx[d] for d in kept]) if kept else 0
+        M[row, flat_index(shape, idx)] = 1.0 / group if mean else 1.0
+    return M, out_shape
+
+
+RULESETS = {"proportional": PROP, "signed": SIGNED}
+
+
+# --- sum / mean ------------------------------------------------------------------------------
+
+SUMS = {
+    "sum": (lambda x: x.sum(), None, False),
+    "sum_dim1": (lambda x: x.sum(1), (1,), False),
+    "sum_dim-1_keep": (lambda x: x.sum(-1, keepdim=True), (-1,), False),
+    "sum_dims02": (lambda x: x.sum((0, 2)), (0, 2), False),
+    "sum_dims_keep": (lambda x: x.sum((0, 2), keepdim=True), (0, 2), False),
+    "mean": (lambda x: x.mean(), None, True),
+    "mean_dim1": (lambda x: x.mean(1), (1,), True),
+    "mean_dim-1_keep": (lambda x: x.mean(-1, keepdim=True), (-1,), True),
+    "mean_dims12": (lambda x: x.mean((1, 2)), (1, 2), True),
+}
+
+
+@pytest.mark.parametrize("mode", list(RULESETS))
+@pytest.mark.parametrize("name", list(SUMS))
+def test_sum_and_mean(name: str, mode: str) -> None:
+    g = gen(0)
+    x = randn(g, 2, 3, 4, grad=True)
+    f, dims, mean = SUMS[name]
+    out = f(x)
+    R = randn(g, *out.shape)
+    rules = RULESETS[mode]
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, rules=rules, return_report=True)
+    M, _ = reduce_matrix(x.shape, range(3) if dims is None else dims, mean)
+    close(rx, expected(M, x, R, rules))
+    if mode == "proportional":
+        close(rx.sum(), R.sum())
+    assert abs(rep.residual) < 1e-9
+
+
+def test_proportional_sum_written_out_by_hand() -> None:
+    g = gen(1)
+    x, R = randn(g, 3, 5, grad=True), randn(g, 3)
+    rx = dynamiclrp.explain(x.sum(1), x, relevance=R)
+    xd = x.detach()
+    for i in range(3):
+        tot = sum(abs(float(xd[i, j])) for j in range(5))
+        for j in range(5):
+            assert float(rx[i, j]) == pytest.approx(abs(float(xd[i, j])) / tot * float(R[i]))
+
+
+def test_signed_mean_stabilises_the_mean_not_the_sum() -> None:
+    g = gen(2)
+    x, R = randn(g, 3, 5, grad=True), randn(g, 3)
+    rx = dynamiclrp.explain(x.mean(1), x, relevance=R, rules=SIGNED)
+    xd = x.detach()
+    close(rx, xd * (R / stab(xd.mean(1), SIGNED.eps) / 5)[:, None])
+
+
+def test_all_zero_group_passes_nothing_and_stays_finite() -> None:
+    g = gen(3)
+    x = randn(g, 3, 4)
+    x[1] = 0.0
+    x.requires_grad_()
+    R = randn(g, 3)
+    rx = dynamiclrp.explain(x.sum(1), x, relevance=R)
+    assert torch.isfinite(rx).all()
+    close(rx[1], torch.zeros(4, dtype=DT))
+    close(rx[0], x.detach()[0].abs() / x.detach()[0].abs().sum() * R[0])
+
+
+@pytest.mark.parametrize("mode", list(RULESETS))
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_cumsum(dim: int, mode: str) -> None:
+    g = gen(4)
+    x = randn(g, 3, 4, grad=True)
+    out = torch.cumsum(x, dim)
+    R = randn(g, *out.shape)
+    rules = RULESETS[mode]
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=rules)
+    d = dim % 2
+    M = torch.zeros(12, 12, dtype=DT)
+    for i, j in itertools.product(range(3), range(4)):
+        for k in range((i if d == 0 else j) + 1):
+            src = (k, j) if d == 0 else (i, k)
+            M[flat_index((3, 4), (i, j)), flat_index((3, 4), src)] = 1.0
+    close(rx, expected(M, x, R, rules))
+
+
+# --- average pooling -------------------------------------------------------------------------
+
+
+def avg_pool_matrix(shape, k, s, p, count_include_pad: bool) -> tuple[torch.Tensor, tuple]:
+    n, c, h, w = shape
+    (kh, kw), (sh, sw), (ph, pw) = k, s, p
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    out_shape = (n, c, oh, ow)
+    M = torch.zeros(math.prod(out_shape), math.prod(shape), dtype=DT)
+    for b, ch, i, j in itertools.product(range(n), range(c), range(oh), range(ow)):
+        h0, w0 = i * sh - ph, j * sw - pw
+        h1, w1 = min(h0 + kh, h + ph), min(w0 + kw, w + pw)
+        padded_size = (h1 - h0) * (w1 - w0)
+        h0, w0, h1, w1 = max(h0, 0), max(w0, 0), min(h1, h), min(w1, w)
+        div = padded_size if count_include_pad else (h1 - h0) * (w1 - w0)
+        for u, v in itertools.product(range(h0, h1), range(w0, w1)):
+            M[flat_index(out_shape, (b, ch, i, j)), flat_index(shape, (b, ch, u, v))] = 1.0 / div
+    return M, out_shape
+
+
+POOLS = {
+    "k2s2": ((2, 2), (2, 2), (0, 0)),
+    "k3s2p1": ((3, 3), (2, 2), (1, 1)),
+    "k3s1p1_rect": ((3, 2), (1, 2), (1, 1)),
+}
+
+
+@pytest.mark.parametrize("mode", list(RULESETS))
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("pool", list(POOLS))
+def test_avg_pool2d(pool: str, count_include_pad: bool, mode: str) -> None:
+    g = gen(5)
+    k, s, p = POOLS[pool]
+    x = randn(g, 2, 2, 5, 6, grad=True)
+    out = F.avg_pool2d(x, k, s, p, count_include_pad=count_include_pad)
+    M, out_shape = avg_pool_matrix(tuple(x.shape), k, s, p, count_include_pad)
+    assert tuple(out.shape) == out_shape
+    close(out.detach().reshape(-1), M @ x.detach().reshape(-1))  # the matrix is the pool
+    R = randn(g, *out.shape)
+    rules = RULESETS[mode]
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=rules)
+    close(rx, expected(M, x, R, rules))
+
+
+def test_avg_pool2d_count_include_pad_matters_for_signed() -> None:
+    """With padding, the two divisors differ and the signed rule's stabiliser sees ``z``."""
+    g = gen(6)
+    x = randn(g, 1, 1, 4, 4, grad=True) * 1e-2
+    x = x.detach().requires_grad_()
+    R = randn(g, 1, 1, 2, 2)
+    a = dynamiclrp.explain(
+        F.avg_pool2d(x, 3, 2, 1, count_include_pad=True), x, relevance=R, rules=SIGNED
+    )
+    b = dynamiclrp.explain(
+        F.avg_pool2d(x, 3, 2, 1, count_include_pad=False), x, relevance=R, rules=SIGNED
+    )
+    assert not torch.allclose(a, b)
+
+
+def adaptive_matrix(shape, out_hw) -> torch.Tensor:
+    n, c, h, w = shape
+    oh, ow = out_hw
+    out_shape = (n, c, oh, ow)
+    M = torch.zeros(math.prod(out_shape), math.prod(shape), dtype=DT)
+    for b, ch, i, j in itertools.product(range(n), range(c), range(oh), range(ow)):
+        h0, h1 = (i * h) // oh, -((-(i + 1) * h) // oh)
+        w0, w1 = (j * w) // ow, -((-(j + 1) * w) // ow)
+        for u, v in itertools.product(range(h0, h1), range(w0, w1)):
+            M[flat_index(out_shape, (b, ch, i, j)), flat_index(shape, (b, ch, u, v))] = 1.0 / (
+                (h1 - h0) * (w1 - w0)
+            )
+    return M
+
+
+@pytest.mark.parametrize("mode", list(RULESETS))
+@pytest.mark.parametrize("out_hw", [(1, 1), (2, 3), (3, 2)])
+def test_adaptive_avg_pool2d(out_hw, mode: str) -> None:
+    g = gen(7)
+    x = randn(g, 2, 2, 5, 7, grad=True)
+    out = F.adaptive_avg_pool2d(x, out_hw)
+    M = adaptive_matrix(tuple(x.shape), out_hw)
+    close(out.detach().reshape(-1), M @ x.detach().reshape(-1))
+    R = randn(g, *out.shape)
+    rules = RULESETS[mode]
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=rules)
+    close(rx, expected(M, x, R, rules))
+
+
+def test_reduction_after_linear_layer() -> None:
+    """The reduction's input is an intermediate: its value comes from a promise."""
+    g = gen(8)
+    x, R = randn(g, 3, 4, grad=True), randn(g, 3)
+    lin = torch.nn.Linear(4, 5, bias=False).double()
+    h = lin(x)
+    rx = dynamiclrp.explain(h.sum(1), x, relevance=R)
+    hd, W = h.detach(), lin.weight.detach()
+    rh = hd.abs() / hd.abs().sum(1, keepdim=True) * R[:, None]
+    close(rx, x.detach() * ((rh / stab(hd, 1e-6)) @ W), rtol=1e-7)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    dim_mask=st.lists(st.booleans(), min_size=3, max_size=3),
+    keepdim=st.booleans(),
+    mean=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_proportional_reduction_conserves(shape, dim_mask, keepdim, mean, seed) -> None:
+    g = gen(seed)
+    dims = [d for d, m in zip(range(len(shape)), dim_mask, strict=False) if m] or [0]
+    x = randn(g, *shape, grad=True)
+    out = x.mean(dims, keepdim=keepdim) if mean else x.sum(dims, keepdim=keepdim)
+    R = randn(g, *out.shape)
+    rx = dynamiclrp.explain(out, x, relevance=R)
+    close(rx.sum(), R.sum(), atol=1e-9)
+    M, _ = reduce_matrix(shape, dims, mean)
+    close(rx, expected(M, x, R, PROP))
+
+
+# --- max-type: winner takes all ---------------------------------------------------------------
+
+
+def winner(groups_of_out: dict, x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``groups_of_out``: flat output index -> list of flat input indices (padding excluded)."""
+    xv, rv = x.detach().reshape(-1), R.reshape(-1)
+    out = torch.zeros_like(xv)
+    for o, members in groups_of_out.items():
+        best = max(members, key=lambda i: float(xv[i]))
+        out[best] += rv[o]
+    return out.reshape(x.shape)
+
+
+def reduce_groups(shape, dims) -> dict:
+    dims = sorted(d % len(shape) for d in dims)
+    kept = [d for d in range(len(shape)) if d not in dims]
+    out_shape = [shape[d] for d in kept]
+    groups: dict = {}
+    for idx in itertools.product(*(range(s) for s in shape)):
+        row = flat_index(out_shape, [idx[d] for d in kept]) if kept else 0
+        groups.setdefault(row, []).append(flat_index(shape, idx))
+    return groups
+
+
+MAXES = {
+    "max": (lambda x: x.max(), (0, 1, 2)),
+    "max_dim": (lambda x: x.max(1).values, (1,)),
+    "max_dim_keep": (lambda x: x.max(-1, keepdim=True)[0], (-1,)),
+    "amax": (lambda x: x.amax((0, 2)), (0, 2)),
+    "amax_keep": (lambda x: x.amax(1, keepdim=True), (1,)),
+    "min": (lambda x: -((-x).max()), (0, 1, 2)),
+    "min_full": (lambda x: x.min(), (0, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(MAXES))
+def test_max_routes_to_the_winner(name: str) -> None:
+    g = gen(9)
+    x = randn(g, 2, 3, 4, grad=True)
+    f, dims = MAXES[name]
+    out = f(x)
+    R = randn(g, *out.shape)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, return_report=True)
+    xx = -x if name.startswith("min") else x
+    close(rx, winner(reduce_groups(x.shape, dims), xx, R))
+    assert abs(rep.residual) < 1e-12
+
+
+def pool_groups(shape, k, s, p, d=(1, 1)) -> tuple[dict, tuple]:
+    n, c, h, w = shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, s, p, d
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out_shape = (n, c, oh, ow)
+    groups = {}
+    for b, ch, i, j in itertools.product(range(n), range(c), range(oh), range(ow)):
+        members = []
+        for u, v in itertools.product(range(kh), range(kw)):
+            hh, ww = i * sh - ph + u * dh, j * sw - pw + v * dw
+            if 0 <= hh < h and 0 <= ww < w:
+                members.append(flat_index(shape, (b, ch, hh, ww)))
+        groups[flat_index(out_shape, (b, ch, i, j))] = members
+    return groups, out_shape
+
+
+@pytest.mark.parametrize(
+    "k,s,p,d",
+    [
+        ((2, 2), (2, 2), (0, 0), (1, 1)),
+        ((3, 3), (2, 2), (1, 1), (1, 1)),
+        ((2, 3), (1, 2), (1, 1), (2, 1)),
+    ],
+)
+def test_max_pool2d_routes_to_the_winner(k, s, p, d) -> None:
+    g = gen(10)
+    x = randn(g, 2, 2, 5, 6, grad=True)
+    out = F.max_pool2d(x, k, s, p, dilation=d)
+    groups, out_shape = pool_groups(tuple(x.shape), k, s, p, d)
+    assert tuple(out.shape) == out_shape
+    R = randn(g, *out.shape)
+    rx = dynamiclrp.explain(out, x, relevance=R)
+    close(rx, winner(groups, x, R))
+
+
+@pytest.mark.parametrize("out_hw", [(1, 1), (2, 3)])
+def test_adaptive_max_pool2d_routes_to_the_winner(out_hw) -> None:
+    g = gen(11)
+    x = randn(g, 2, 2, 5, 7, grad=True)
+    out = F.adaptive_max_pool2d(x, out_hw)
+    n, c, h, w = x.shape
+    oh, ow = out_hw
+    groups = {}
+    for b, ch, i, j in itertools.product(range(n), range(c), range(oh), range(ow)):
+        h0, h1 = (i * h) // oh, -((-(i + 1) * h) // oh)
+        w0, w1 = (j * w) // ow, -((-(j + 1) * w) // ow)
+        groups[flat_index((n, c, oh, ow), (b, ch, i, j))] = [
+            flat_index(tuple(x.shape), (b, ch, u, v))
+            for u, v in itertools.product(range(h0, h1), range(w0, w1))
+        ]
+    R = randn(g, *out.shape)
+    close(dynamiclrp.explain(out, x, relevance=R), winner(groups, x, R))
+
+
+def test_max_pool_value_is_recovered_for_a_downstream_add() -> None:
+    """``max_pool2d(x) + bias``: the add needs the pooled value, rebuilt by the pool's replay."""
+    g = gen(12)
+    x = randn(g, 1, 2, 4, 4, grad=True)
+    bias = torch.nn.Parameter(randn(g, 2, 2))
+    pooled = F.max_pool2d(x, 2)
+    R = randn(g, 1, 2, 2, 2)
+    rx = dynamiclrp.explain(pooled + bias, x, relevance=R)
+    pd = pooled.detach()
+    rp = R * pd.abs() / (pd.abs() + bias.detach().abs())
+    groups, _ = pool_groups(tuple(x.shape), (2, 2), (2, 2), (0, 0))
+    close(rx, winner(groups, x, rp))
