@@ -164,49 +164,36 @@ def _conv_replay(c):
     return (z,)
 
 
+def _product(rule, first: str, second: str) -> OpEntry:
+    """``z = a @ b`` with both operands saved under ``first`` / ``second``."""
+    return OpEntry(
+        "contraction",
+        rule,
+        saved_inputs={0: first, 1: second},
+        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
+    )
+
+
+def _added_product(first: str, second: str) -> OpEntry:
+    """``z = beta * input + alpha * (a @ b)`` (``addmm``, ``baddbmm``)."""
+    return OpEntry(
+        "contraction",
+        _addmm_rule,
+        saved_inputs={1: first, 2: second},
+        replay=lambda c: (
+            c.saved("_saved_beta") * c.inputs[0]
+            + c.saved("_saved_alpha") * (c.inputs[1] @ c.inputs[2]),
+        ),
+    )
+
+
 TABLE = {
-    "MmBackward0": OpEntry(
-        "contraction",
-        _mm_rule,
-        saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
-        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
-    ),
-    "MvBackward0": OpEntry(
-        "contraction",
-        _mv_rule,
-        saved_inputs={0: "_saved_self", 1: "_saved_vec"},
-        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
-    ),
-    "DotBackward0": OpEntry(
-        "contraction",
-        _dot_rule,
-        saved_inputs={0: "_saved_self", 1: "_saved_tensor"},
-        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
-    ),
-    "BmmBackward0": OpEntry(
-        "contraction",
-        _mm_rule,
-        saved_inputs={0: "_saved_self", 1: "_saved_mat2"},
-        replay=lambda c: (c.inputs[0] @ c.inputs[1],),
-    ),
-    "AddmmBackward0": OpEntry(
-        "contraction",
-        _addmm_rule,
-        saved_inputs={1: "_saved_mat1", 2: "_saved_mat2"},
-        replay=lambda c: (
-            c.saved("_saved_beta") * c.inputs[0]
-            + c.saved("_saved_alpha") * (c.inputs[1] @ c.inputs[2]),
-        ),
-    ),
-    "BaddbmmBackward0": OpEntry(
-        "contraction",
-        _addmm_rule,
-        saved_inputs={1: "_saved_batch1", 2: "_saved_batch2"},
-        replay=lambda c: (
-            c.saved("_saved_beta") * c.inputs[0]
-            + c.saved("_saved_alpha") * (c.inputs[1] @ c.inputs[2]),
-        ),
-    ),
+    "MmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
+    "BmmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
+    "MvBackward0": _product(_mv_rule, "_saved_self", "_saved_vec"),
+    "DotBackward0": _product(_dot_rule, "_saved_self", "_saved_tensor"),
+    "AddmmBackward0": _added_product("_saved_mat1", "_saved_mat2"),
+    "BaddbmmBackward0": _added_product("_saved_batch1", "_saved_batch2"),
     "ConvolutionBackward0": OpEntry(
         "contraction",
         _conv_rule,

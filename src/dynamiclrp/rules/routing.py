@@ -57,6 +57,24 @@ def _routing(replay=None, saved_inputs=None, saved_outputs=None) -> OpEntry:
     )
 
 
+def _max_pool(pool) -> OpEntry:
+    """Max pooling: routes to the winner; replays from its saved input (not its indices)."""
+
+    def replay(c: ReplayContext):
+        return (
+            pool(
+                c.inputs[0],
+                c.saved("_saved_kernel_size"),
+                c.saved("_saved_stride"),
+                c.saved("_saved_padding"),
+                c.saved("_saved_dilation"),
+                c.saved("_saved_ceil_mode"),
+            ),
+        )
+
+    return _routing(replay, saved_inputs={0: "_saved_self"})
+
+
 def _pool_replay(fn):
     return lambda c: (fn(c),)
 
@@ -136,32 +154,8 @@ TABLE = {
         )
     ),
     # winner takes all: the gradient of a max routes to the arg-max
-    "MaxPool2DWithIndicesBackward0": _routing(
-        _pool_replay(
-            lambda c: torch.nn.functional.max_pool2d(
-                c.inputs[0],
-                c.saved("_saved_kernel_size"),
-                c.saved("_saved_stride"),
-                c.saved("_saved_padding"),
-                c.saved("_saved_dilation"),
-                c.saved("_saved_ceil_mode"),
-            )
-        ),
-        saved_inputs={0: "_saved_self"},
-    ),
-    "MaxPool3DWithIndicesBackward0": _routing(
-        _pool_replay(
-            lambda c: torch.nn.functional.max_pool3d(
-                c.inputs[0],
-                c.saved("_saved_kernel_size"),
-                c.saved("_saved_stride"),
-                c.saved("_saved_padding"),
-                c.saved("_saved_dilation"),
-                c.saved("_saved_ceil_mode"),
-            )
-        ),
-        saved_inputs={0: "_saved_self"},
-    ),
+    "MaxPool2DWithIndicesBackward0": _max_pool(torch.nn.functional.max_pool2d),
+    "MaxPool3DWithIndicesBackward0": _max_pool(torch.nn.functional.max_pool3d),
     "AdaptiveMaxPool2DBackward0": _routing(
         _pool_replay(
             lambda c: torch.nn.functional.adaptive_max_pool2d(c.inputs[0], c.out_shape()[-2:])
