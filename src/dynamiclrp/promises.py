@@ -118,7 +118,7 @@ class PromiseResolver:
                 "operands is a constant autograd did not record (a Python scalar, a tensor that "
                 "does not require grad, a frozen bias, a fill value) and no node saved the "
                 "result, but a rule upstream needs it. Run the forward pass under "
-                "`with dynamiclrp.record() as rec:` and pass recording=rec to explain."
+                "`with dynamiclrp.record(model) as rec:` and pass recording=rec to explain."
             )
         if entry is None or entry.replay is None:
             raise ValueRecoveryError(

@@ -5,20 +5,21 @@ Autograd records nothing of a constant that does not require grad: ``scores + ca
 other node saved the result, such a value cannot be rebuilt after the fact, and the engine says so.
 Running the forward pass under :func:`record` keeps exactly those results (and nothing else)::
 
-    with dynamiclrp.record() as rec:
+    with dynamiclrp.record() as rec:        # record(model) for a model with frozen parameters
         out = model(x)
     rel = dynamiclrp.explain(out, x, target=0, recording=rec)
 
-The recording holds the recorded results (one tensor per such op) until it is dropped; it changes
-nothing in the forward computation.
+The recording holds a copy of each recorded result (one tensor per such op: an extra activation
+for each frozen layer) until it is dropped; it changes nothing in the forward computation.  Ops
+that C++ composites create internally (the causal mask that the math path of
+``scaled_dot_product_attention`` adds for float64 inputs) are not visible to it.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-
-from .errors import ValueRecoveryError
 
 
 def _has_unrecorded_input(fn) -> bool:
@@ -33,6 +34,8 @@ def _conv_bias_unrecorded(fn) -> bool:
 def _norm_bias_unrecorded(fn) -> bool:
     return fn.next_functions[2][0] is None and getattr(fn, "_saved_weight", None) is not None
 
+
+RESHAPES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
 
 NEEDS_RECORDING = {
     "AddBackward0": _has_unrecorded_input,
@@ -49,11 +52,38 @@ NEEDS_RECORDING = {
 
 
 class Recording(TorchFunctionMode):
-    """The results of ops whose constant operands autograd does not record (see module doc)."""
+    """The results of ops whose constant operands autograd does not record (see module doc).
 
-    def __init__(self):
+    Parameters
+    ----------
+    model:
+        Optional.  Its frozen parameters (``requires_grad=False``) are made to require grad for
+        the duration of the forward pass, so autograd records them like any parameter (a frozen
+        bias then needs no recording, also inside composites such as
+        ``F.multi_head_attention_forward`` that the recording cannot look into).  The flags are
+        restored on exit; the graph of that forward pass keeps the parameters as leaves.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None):
         super().__init__()
         self._values: dict = {}
+        self._model = model
+        self._unfrozen: list[torch.nn.Parameter] = []
+
+    def __enter__(self):
+        if self._model is not None:
+            self._unfrozen = [p for p in self._model.parameters() if not p.requires_grad]
+            for p in self._unfrozen:
+                p.requires_grad_(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for p in self._unfrozen:
+                p.requires_grad_(False)
+            self._unfrozen = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -67,12 +97,16 @@ class Recording(TorchFunctionMode):
 
     def _keep(self, t: Tensor) -> None:
         fn = t.grad_fn
+        # composite ops (F.linear on 3-D input) return a reshape of the node that needs recording
+        while fn is not None and type(fn).__name__ in RESHAPES:
+            fn = fn.next_functions[0][0]
         if fn is None:
             return
         check = NEEDS_RECORDING.get(type(fn).__name__)
-        if check is not None and check(fn):
-            value = t.detach()
-            self._values[fn] = (value, value._version)
+        if check is not None and check(fn) and fn not in self._values:
+            # a copy: an in-place op (ReLU(inplace=True)) may overwrite the result later
+            value = t.detach().reshape(fn._input_metadata[0].shape).clone()
+            self._values[fn] = value
 
     def __len__(self) -> int:
         return len(self._values)
@@ -80,19 +114,16 @@ class Recording(TorchFunctionMode):
     def values_for(self, graph) -> dict:
         """``edge -> value`` for the recorded nodes that are part of ``graph``."""
         found = {}
-        for fn, (value, version) in self._values.items():
+        for fn, value in self._values.items():
             j = graph.index.get(fn)
-            if j is None:
-                continue
-            if value._version != version:
-                raise ValueRecoveryError(
-                    f"The recorded output of {graph.describe(j)} was modified in place after it "
-                    "was recorded; record and explain a forward pass that does not modify it."
-                )
-            found[(j, 0)] = value
+            if j is not None:
+                found[(j, 0)] = value
         return found
 
 
-def record() -> Recording:
-    """Context manager: run the forward pass under it to record what autograd does not."""
-    return Recording()
+def record(model: torch.nn.Module | None = None) -> Recording:
+    """Context manager: run the forward pass under it to record what autograd does not.
+
+    Pass ``model`` when its parameters are frozen (see :class:`Recording`).
+    """
+    return Recording(model)

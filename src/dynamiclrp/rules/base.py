@@ -168,8 +168,8 @@ def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:
             f"{ctx.fn.name()} (node {ctx.idx}): its bias does not require grad, so autograd kept "
             "neither the bias nor the layer's output, and the rule needs the full output z. Keep "
             "the model's parameters requiring grad during the forward pass you explain (the "
-            "default), or run the forward pass under `with dynamiclrp.record() as rec:` and pass "
-            "recording=rec to explain."
+            "default), or run the forward pass under `with dynamiclrp.record(model) as rec:` and "
+            "pass recording=rec to explain (record(model) lets frozen parameters be recorded)."
         ) from err
 
 
