@@ -138,3 +138,13 @@ def test_record_model_unfreezes_during_the_forward_only():
         out = attn(x, x, x, need_weights=False)[0]
     assert not any(p.requires_grad for p in attn.parameters())
     torch.testing.assert_close(dynamiclrp.explain(out, x, relevance=r, recording=rec), reference)
+
+
+def test_ops_inside_cpp_composites_are_named_when_the_recording_cannot_help():
+    """float64 SDPA with is_causal runs PyTorch's C++ math path, whose internal mask add is
+    invisible to a torch-function recording: the error says so instead of suggesting record()."""
+    q = torch.randn(1, 1, 4, 8, dtype=D, requires_grad=True)
+    with dynamiclrp.record() as rec:
+        out = F.scaled_dot_product_attention(q, q * 1.5, q * 0.5, is_causal=True)
+    with pytest.raises(ValueRecoveryError, match="C\\+\\+ composite"):
+        dynamiclrp.explain(out, q, relevance=torch.ones_like(out), recording=rec)

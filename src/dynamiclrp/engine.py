@@ -99,6 +99,7 @@ class LRP:
         for e, t in zip(requested, tensors, strict=True):
             run.resolver.known(e, t.detach())
         if recording is not None:
+            run.resolver.recorded = True
             for e, v in recording.values_for(graph).items():
                 run.resolver.known(e, v)
         with torch.no_grad():
@@ -216,6 +217,9 @@ class _Run:
 
     def output_value(self, idx: int, k: int) -> Tensor:
         return self.resolver.value((idx, k))
+
+    def known_value(self, idx: int, k: int) -> Tensor | None:
+        return self.resolver.at_hand((idx, k))
 
     def input_shape(self, idx: int, slot: int) -> torch.Size:
         edge = self.graph.children[idx][slot]

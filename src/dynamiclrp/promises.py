@@ -63,10 +63,23 @@ class PromiseResolver:
         self.entries = entries
         self.plan = plan
         self.values: dict[Edge, Tensor] = {}
+        self.recorded = False  # set when the caller passed a recording of the forward pass
 
     def known(self, edge: Edge, value: Tensor) -> None:
         """Register a value held by the caller (the output, a requested tensor)."""
         self.values[edge] = value
+
+    def at_hand(self, edge: Edge) -> Tensor | None:
+        """The value of ``edge`` if it costs no computation: recovered already in this run, or
+        saved by its node or a consumer; ``None`` otherwise (nothing is replayed or raised)."""
+        v = self.values.get(edge)
+        if v is not None:
+            return v
+        for source in self._candidates(edge):
+            v = self._read(edge, source)
+            if v is not None:
+                return v
+        return None
 
     def value(self, edge: Edge) -> Tensor:
         """The forward value of ``edge`` (node, output_nr)."""
@@ -113,6 +126,15 @@ class PromiseResolver:
         entry = self.entries[e[0]]
         unrecorded = NEEDS_RECORDING.get(self.graph.names[e[0]])
         if unrecorded is not None and unrecorded(self.graph.fns[e[0]]):
+            if self.recorded:
+                raise ValueRecoveryError(
+                    f"Cannot recover the forward value of {self.graph.describe(e[0])}: it adds or "
+                    "fills with a constant autograd did not record, and the recording did not see "
+                    "it either: the op ran inside a C++ composite (e.g. the math path of "
+                    "scaled_dot_product_attention, taken for float64 inputs with a mask or "
+                    "is_causal; run such attention in float32 or written out in Python), or in a "
+                    "forward pass other than the one recorded."
+                )
             raise ValueRecoveryError(
                 f"Cannot recover the forward value of {self.graph.describe(e[0])}: one of its "
                 "operands is a constant autograd did not record (a Python scalar, a tensor that "

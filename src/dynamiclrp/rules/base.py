@@ -140,6 +140,11 @@ class RuleContext:
         """Forward value of output ``k`` of this node, recovered like an input value."""
         return self._engine.output_value(self.idx, k)
 
+    def known_output(self, k: int = 0) -> Tensor | None:
+        """Output ``k``'s forward value if it is at hand without computing anything (recovered
+        earlier in this run, saved by the node or by a consumer), else ``None``."""
+        return self._engine.known_value(self.idx, k)
+
     def input_shape(self, slot: int) -> torch.Size:
         """Shape of input ``slot`` (from autograd's metadata, no value needed)."""
         return self._engine.input_shape(self.idx, slot)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .base import OpEntry, RuleContext, frozen_bias, saved, sum_to_shape
 from .linear import (
+    Epsilon,
     LinearMap,
     bilinear_uniform,
     convolution_map,
@@ -66,7 +67,10 @@ def contract(
     else:
         (sx, x), (sw, w), mm = (sa, a), (sb, b), m
     rule = ctx.layer_rule(kind, w)
-    res = rule(mm, x, w, bias, ctx.r, ctx.eps)
+    if isinstance(rule, Epsilon) and (z := ctx.known_output()) is not None:
+        res = rule(mm, x, w, bias, ctx.r, ctx.eps, z=z)  # the forward value is at hand
+    else:
+        res = rule(mm, x, w, bias, ctx.r, ctx.eps)
     outs[sx] = res.x
     if bias_slot is not None and res.bias is not None and ctx.fn.next_functions[bias_slot][0]:
         if kind == "conv":  # the bias is per channel, dimension 1

@@ -50,7 +50,7 @@ class ContractionRelevance(NamedTuple):
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
     """``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``: never zero, never flips a sign."""
-    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return z + torch.where(z >= 0, z.new_tensor(eps), z.new_tensor(-eps))
 
 
 def safe_divide(r: Tensor, z: Tensor, eps: float) -> Tensor:
@@ -59,16 +59,24 @@ def safe_divide(r: Tensor, z: Tensor, eps: float) -> Tensor:
 
 
 def epsilon(
-    m: LinearMap, x: Tensor, w: Tensor, bias: Tensor | None, r: Tensor, eps: float
+    m: LinearMap,
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    r: Tensor,
+    eps: float,
+    z: Tensor | None = None,
 ) -> ContractionRelevance:
     """Epsilon rule (LRP-eps).
 
     ``R_x = x * J_x^T (R / stab(z))`` with ``z = f(x, w) + b`` the full output, and
-    ``R_b = b * R / stab(z)``: the bias absorbs its share.
+    ``R_b = b * R / stab(z)``: the bias absorbs its share.  ``z`` may be passed in when the
+    forward value is already known (it saves recomputing the contraction).
     """
-    z = m.forward(x, w)
-    if bias is not None:
-        z = z + bias
+    if z is None:
+        z = m.forward(x, w)
+        if bias is not None:
+            z = z + bias
     g = safe_divide(r, z, eps)
     rx = x * m.vjp_x(g, x, w)
     return ContractionRelevance(rx, None if bias is None else bias * g)
@@ -257,9 +265,16 @@ class Epsilon(ContractionRule):
         return [_group(m, ((x, w),), bias, r)]
 
     def __call__(
-        self, m: LinearMap, x: Tensor, w: Tensor, bias: Tensor | None, r: Tensor, eps: float
+        self,
+        m: LinearMap,
+        x: Tensor,
+        w: Tensor,
+        bias: Tensor | None,
+        r: Tensor,
+        eps: float,
+        z: Tensor | None = None,
     ) -> ContractionRelevance:
-        return epsilon(m, x, w, bias, r, eps)
+        return epsilon(m, x, w, bias, r, eps, z)
 
 
 class Gamma(ContractionRule):
