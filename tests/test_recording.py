@@ -59,8 +59,8 @@ def test_eager_causal_attention_with_a_recording_equals_fused_sdpa(mask_style):
         dynamiclrp.explain(_attention(x, wq, wk, wv, mask_style), x, relevance=r)
     rules = dynamiclrp.Rules(eps=1e-12)
     rel = dynamiclrp.explain(eager, x, relevance=r, recording=rec, rules=rules)
-    # the fused CPU kernel (float32: float64 SDPA runs PyTorch's C++ math path, which adds the
-    # causal mask as an unrecorded constant that record() cannot see), explained through its node
+    # the fused CPU kernel (4-D inputs: on 3-D ones SDPA runs PyTorch's C++ math path, which adds
+    # the causal mask as an unrecorded constant that record() cannot see), explained via its node
     x32, w32 = x.detach().float().requires_grad_(), [w.detach().float() for w in (wq, wk, wv)]
     q, k, v = ((x32 @ w).unsqueeze(1) for w in w32)  # 4-D: the CPU flash kernel's layout
     kernel = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).squeeze(1)
@@ -141,9 +141,10 @@ def test_record_model_unfreezes_during_the_forward_only():
 
 
 def test_ops_inside_cpp_composites_are_named_when_the_recording_cannot_help():
-    """float64 SDPA with is_causal runs PyTorch's C++ math path, whose internal mask add is
-    invisible to a torch-function recording: the error says so instead of suggesting record()."""
-    q = torch.randn(1, 1, 4, 8, dtype=D, requires_grad=True)
+    """SDPA on 3-D inputs with is_causal runs PyTorch's C++ math path, whose internal mask add
+    is invisible to a torch-function recording: the error says so instead of suggesting
+    record()."""
+    q = torch.randn(1, 4, 8, dtype=D, requires_grad=True)
     with dynamiclrp.record() as rec:
         out = F.scaled_dot_product_attention(q, q * 1.5, q * 0.5, is_causal=True)
     with pytest.raises(ValueRecoveryError, match="C\\+\\+ composite"):

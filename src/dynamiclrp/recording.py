@@ -12,7 +12,7 @@ Running the forward pass under :func:`record` keeps exactly those results (and n
 The recording holds a copy of each recorded result (one tensor per such op: an extra activation
 for each frozen layer) until it is dropped; it changes nothing in the forward computation.  Ops
 that C++ composites create internally (the causal mask that the math path of
-``scaled_dot_product_attention`` adds for float64 inputs) are not visible to it.
+``scaled_dot_product_attention`` adds, e.g. for 3-D inputs) are not visible to it.
 """
 
 from __future__ import annotations
