@@ -116,11 +116,11 @@ def bench_model(name: str, batch: int, repeats: int, freeze: bool = False) -> di
     cached_lrp = dynamiclrp.LRP(rules="dynamiclrp")
 
     # With frozen parameters autograd keeps no trace of the biases, so dynamiclrp needs the
-    # forward pass run under dynamiclrp.record(); that recorded forward is timed as fwd_rec.
+    # forward pass run under dynamiclrp.record(model); that recorded forward is timed as fwd_rec.
     def forward_for_explain():
         if not freeze:
             return model(x), {}
-        with dynamiclrp.record() as rec:
+        with dynamiclrp.record(model) as rec:
             out = model(x)
         return out, {"recording": rec}
 
@@ -202,7 +202,9 @@ def print_table(results: dict, stat: str) -> None:
             f" {(fx + r['first']) / fg:9.2f}x {(fx + r['cached']) / fg:9.2f}x"
         )
         if "fwd_rec" in r:
-            print(f"{'':<10} forward under dynamiclrp.record(): {fx * 1e3:.1f} ms (used in f+*/fg)")
+            print(
+                f"{'':<10} forward under dynamiclrp.record(model): {fx * 1e3:.1f} ms (used in f+*/fg)"
+            )
 
 
 def main(argv=None) -> int:
@@ -221,7 +223,7 @@ def main(argv=None) -> int:
         "--freeze-params",
         action="store_true",
         help="set requires_grad=False on the parameters and run the explained forward passes "
-        "under dynamiclrp.record() (default: parameters require grad, as torchvision makes them)",
+        "under dynamiclrp.record(model) (default: parameters require grad, as torchvision makes them)",
     )
     args = ap.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
