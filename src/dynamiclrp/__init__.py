@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from .coverage import CoverageReport, coverage
 from .engine import LRP, Plan
 from .errors import (
     DynamicLRPError,
@@ -74,6 +75,8 @@ def explain(
 
 __all__ = [
     "LRP",
+    "CoverageReport",
+    "coverage",
     "OP_TABLE",
     "PRESETS",
     "AlphaBeta",

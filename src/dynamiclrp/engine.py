@@ -261,6 +261,7 @@ class _Run:
         input_sums = [r.sum() for r in results]
         self.report = self.ledger.close(g.describe, seed.sum(), input_sums, in_books, param_sums)
         self.report.promises = dict(Counter(s[0] for s in plan.promises.sources.values()))
+        self.report.promise_stats = self.resolver.stats
         return results
 
     def _propagate(self, v: int, rel: list[Tensor], store: dict) -> None:

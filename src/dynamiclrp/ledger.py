@@ -46,6 +46,8 @@ class RelevanceReport:
         ``family -> (stabiliser or rule difference)`` summed over that family's nodes.
     promises:
         How forward values were recovered: counts per source kind.
+    promise_stats:
+        :class:`~dynamiclrp.promises.PromiseStats` of the run.
     """
 
     seeded: float = 0.0
@@ -58,6 +60,7 @@ class RelevanceReport:
     rule: float = 0.0
     by_family: dict[str, float] = field(default_factory=dict)
     promises: dict[str, int] = field(default_factory=dict)
+    promise_stats: object = None
     nodes: int = 0
 
     @property

@@ -55,6 +55,23 @@ class PromisePlan:
         return sum(1 for s in self.sources.values() if s[0] == kind)
 
 
+@dataclass
+class PromiseStats:
+    """What the promises of one run cost (the paper's table 2, in this design's terms).
+
+    ``promises``: values rules asked for that their node had not saved (a value shared by several
+    origins counts once per origin, like the paper's aggregation branches); ``internal_nodes``:
+    nodes replayed to rebuild them (forward-chain steps, each at most once per run); ``delta``:
+    the sum over promises of the forward-chain length behind the value; ``max_depth``: the
+    longest one.
+    """
+
+    promises: int = 0
+    internal_nodes: int = 0
+    delta: int = 0
+    max_depth: int = 0
+
+
 class PromiseResolver:
     """Recovers forward values for one run; holds them only until the run ends."""
 
@@ -64,6 +81,8 @@ class PromiseResolver:
         self.plan = plan
         self.values: dict[Edge, Tensor] = {}
         self.recorded = False  # set when the caller passed a recording of the forward pass
+        self.depth: dict[Edge, int] = {}  # forward-chain length behind each recovered value
+        self.stats = PromiseStats()
 
     def known(self, edge: Edge, value: Tensor) -> None:
         """Register a value held by the caller (the output, a requested tensor)."""
@@ -82,9 +101,12 @@ class PromiseResolver:
         return None
 
     def value(self, edge: Edge) -> Tensor:
-        """The forward value of ``edge`` (node, output_nr)."""
+        """The forward value of ``edge`` (node, output_nr): a promise, resolved at once."""
+        self.stats.promises += 1
         v = self.values.get(edge)
         if v is not None:
+            d = self.depth.get(edge, 0)
+            self.stats.delta += d
             return v
         stack = [edge]
         while stack:
@@ -105,6 +127,12 @@ class PromiseResolver:
                 continue
             stack.pop()
             self._replay(e)
+            kids = [c for c in self.graph.children[e[0]] if c is not None]
+            self.depth[e] = 1 + max((self.depth.get(c, 0) for c in kids), default=0)
+            self.stats.internal_nodes += 1
+        d = self.depth.get(edge, 0)
+        self.stats.delta += d
+        self.stats.max_depth = max(self.stats.max_depth, d)
         return self.values[edge]
 
     # -- arg nodes ----------------------------------------------------------------------------

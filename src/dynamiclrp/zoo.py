@@ -1,0 +1,188 @@
+"""A zoo of tiny architectures with random weights, for coverage tests and the CLI.
+
+Every entry builds a small model from a config (no downloads), in eval mode, and an example input;
+:func:`forward` runs it and returns what to explain.  Entries need optional packages
+(``transformers``, ``torchvision``); :func:`available` says which can be built here.  Nothing in
+the library depends on this module: it is test and demo infrastructure.
+
+    out, x, rec = zoo.forward("gpt2", batch=2)
+    rel = dynamiclrp.explain(out, x, target=out.argmax(1), recording=rec)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .recording import Recording
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One architecture.
+
+    Attributes
+    ----------
+    name:
+        Zoo name (``"gpt2"``).
+    requires:
+        The optional package it needs (``"transformers"``, ``"torchvision"``) or ``"torch"``.
+    build:
+        ``() -> model``: tiny, random weights; the zoo seeds, casts and sets eval mode.
+    inputs:
+        ``(model, batch, generator) -> forward kwargs``; the explained tensor is one of them.
+    explained:
+        The kwarg holding the tensor to explain (embeddings, pixels, audio, features).
+    select:
+        ``model output -> 2-D (batch, k) tensor`` whose per-row argmax is explained.
+    note:
+        What is explained (e.g. "next-token logits at the last position").
+    """
+
+    name: str
+    requires: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[nn.Module, int, torch.Generator], dict[str, Any]]
+    explained: str
+    select: Callable[[Any], Tensor]
+    note: str = ""
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    if entry.name in ZOO:
+        raise ValueError(f"zoo entry {entry.name!r} defined twice")
+    ZOO[entry.name] = entry
+    return entry
+
+
+def available(entry: ZooEntry | str) -> bool:
+    """Whether the package an entry needs is installed."""
+    entry = ZOO[entry] if isinstance(entry, str) else entry
+    return entry.requires == "torch" or importlib.util.find_spec(entry.requires) is not None
+
+
+def build(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
+    """The entry's model, seeded, cast to ``dtype``, in eval mode."""
+    entry = ZOO[name]
+    torch.manual_seed(seed)
+    return entry.build().to(dtype).eval()
+
+
+def example(name: str, model: nn.Module, batch: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Forward kwargs for entry ``name``: a batch of random inputs (seeded)."""
+    return ZOO[name].inputs(model, batch, torch.Generator().manual_seed(seed))
+
+
+def forward(
+    name: str,
+    batch: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    model: nn.Module | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[Tensor, Tensor, Recording]:
+    """Run entry ``name`` under :func:`dynamiclrp.record` (on ``kwargs`` or a fresh example).
+
+    Returns ``(output, explained_input, recording)`` with ``output`` 2-D ``(batch, k)``.
+    """
+    entry = ZOO[name]
+    model = build(name, dtype) if model is None else model
+    kwargs = dict(example(name, model, batch, seed) if kwargs is None else kwargs)
+    x = kwargs[entry.explained]
+    if x.is_floating_point():
+        x = kwargs[entry.explained] = x.to(dtype).detach().requires_grad_()
+    with Recording(model) as rec:
+        out = entry.select(model(**kwargs))
+    return out, x, rec
+
+
+def run(name: str) -> tuple[Tensor, Tensor]:
+    """``(output, input)`` for the CLI (``dynamiclrp coverage zoo:NAME``)."""
+    out, x, _ = forward(name)
+    return out, x
+
+
+# --- helpers for entries -----------------------------------------------------------------------
+
+
+def _ids(model: nn.Module, batch: int, g: torch.Generator, length: int = 6) -> Tensor:
+    vocab = model.get_input_embeddings().num_embeddings
+    return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def _embeds(model: nn.Module, batch: int, g: torch.Generator, length: int = 6) -> dict:
+    """Token embeddings as the explained input (input_ids are not differentiable)."""
+    return {"inputs_embeds": model.get_input_embeddings()(_ids(model, batch, g, length)).detach()}
+
+
+def _last_logits(out) -> Tensor:
+    return out.logits[:, -1]
+
+
+def _logits(out) -> Tensor:
+    return out.logits
+
+
+def _hf(config_cls: str, model_cls: str, **config):
+    def make():
+        import transformers
+
+        cfg = getattr(transformers, config_cls)(**config)
+        return getattr(transformers, model_cls)(cfg)
+
+    return make
+
+
+TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+
+register(
+    ZooEntry(
+        "gpt2",
+        "transformers",
+        _hf(
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            vocab_size=64,
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        _embeds,
+        "inputs_embeds",
+        _last_logits,
+        "next-token logits at the last position",
+    )
+)
+register(
+    ZooEntry(
+        "llama",
+        "transformers",
+        _hf("LlamaConfig", "LlamaForCausalLM", vocab_size=64, num_key_value_heads=2, **TINY),
+        _embeds,
+        "inputs_embeds",
+        _last_logits,
+        "next-token logits at the last position (grouped-query attention)",
+    )
+)
+register(
+    ZooEntry(
+        "bert",
+        "transformers",
+        _hf("BertConfig", "BertForSequenceClassification", vocab_size=64, **TINY),
+        _embeds,
+        "inputs_embeds",
+        _logits,
+        "sequence-classification logits",
+    )
+)
