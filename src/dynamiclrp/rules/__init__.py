@@ -6,13 +6,31 @@ knows op names.  Adding an op is adding an entry to the family module it belongs
 
 from __future__ import annotations
 
-from . import attention, contraction, elementwise, normalisation, reduction, routing
+from . import (
+    attention,
+    contraction,
+    elementwise,
+    normalisation,
+    recurrent,
+    reduction,
+    routing,
+    sequence,
+)
 from .base import OpEntry, RuleContext
 
 LEAF = "AccumulateGrad"
 
 OP_TABLE: dict[str, OpEntry] = {}
-for _family in (contraction, elementwise, reduction, routing, normalisation, attention):
+for _family in (
+    contraction,
+    elementwise,
+    reduction,
+    routing,
+    normalisation,
+    attention,
+    recurrent,
+    sequence,
+):
     _overlap = OP_TABLE.keys() & _family.TABLE.keys()
     assert not _overlap, f"op table entries defined twice: {_overlap}"
     OP_TABLE.update(_family.TABLE)
