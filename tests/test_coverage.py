@@ -76,3 +76,13 @@ def test_cli_entry_point_runs_as_a_module():
         check=True,
     )
     assert "covered nodes 5/5" in done.stdout
+
+
+def test_cli_on_a_zoo_entry(capsys):
+    pytest.importorskip("transformers")
+    assert main(["coverage", "zoo:bert"]) == 0
+    out = capsys.readouterr().out
+    assert "NativeLayerNormBackward0" in out and "promises" in out
+    total = next(line for line in out.splitlines() if line.startswith("covered nodes"))
+    covered, all_nodes = total.split()[2].split("/")
+    assert covered == all_nodes
