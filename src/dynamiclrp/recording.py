@@ -43,6 +43,15 @@ NEEDS_RECORDING = {
     "WhereBackward0": _has_unrecorded_input,
     "MaskedFillBackward0": lambda fn: True,
     "MaskedFillBackward1": _has_unrecorded_input,
+    "AddcmulBackward0": lambda fn: (
+        fn.next_functions[0][0] is None
+        or (fn.next_functions[1][0] is None and fn.next_functions[2][0] is None)
+    ),
+    "AddcdivBackward0": lambda fn: (
+        fn.next_functions[0][0] is None
+        or (fn.next_functions[1][0] is None and fn.next_functions[2][0] is None)
+    ),
+    "LerpBackward0": _has_unrecorded_input,
     "AddmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "BaddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "ConvolutionBackward0": _conv_bias_unrecorded,

@@ -15,6 +15,14 @@ Binary, with broadcasting (``sum_to_shape`` undoes it, as the gradient does):
   constant, so all relevance goes to the full-shape operand (AttnLRP's identity rule for normalisers
   written out of primitives); if both are broadcast, half each.  Times a constant: ``R_x = R``.
 
+Fused, split like add (``Rules.add``) over their summands, then as above:
+
+- ``addcmul`` / ``addcdiv``, ``self + value * t1 * t2`` (``/ t2``): ``self`` and the product term
+  ``value * t1 * t2`` share ``R`` like add; the product term's share goes to ``t1`` and ``t2`` by
+  the mul/div rule.
+- ``lerp(a, b, w) = (1 - w) * a + w * b``: ``R`` split over ``(1 - w) * a`` and ``w * b`` like add;
+  a tensor weight is a constant (one that depends on data raises ``NotImplementedError``).
+
 Unary (relu, gelu, silu, sigmoid, tanh, exp, log, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
 identity rule, ``R_in = R_out``.
 """
@@ -68,16 +76,19 @@ def _terms(ctx: RuleContext, sign: float):
     return ctx.input_value(0), alpha * ctx.input_value(1)
 
 
-def _output_or_explain(ctx: RuleContext, slot: int) -> Tensor:
+def _output_or_explain(ctx: RuleContext, slot: int, advice: str | None = None) -> Tensor:
     try:
         return ctx.output_value(0)
     except ValueRecoveryError as err:
         raise ValueRecoveryError(
             f"{ctx.fn.name()} (node {ctx.idx}) adds a constant (operand {slot}: a Python scalar "
             "or a tensor that does not require grad) that autograd did not record, and no node "
-            "saved the sum, so the proportional rule cannot see the constant's size. Run the "
-            "forward pass under `with dynamiclrp.record() as rec:` and pass recording=rec to "
-            "explain (it keeps exactly such results)."
+            "saved the sum, so the proportional rule cannot see the constant's size. "
+            + (
+                advice
+                or "Run the forward pass under `with dynamiclrp.record() as rec:` and pass "
+                "recording=rec to explain (it keeps exactly such results)."
+            )
         ) from err
 
 
@@ -115,20 +126,110 @@ def add_rule(sign: float):
     return rule
 
 
-def product_rule(ctx: RuleContext):
-    """Mul/div: uniform between two full-shape data operands, else all to the full-shape data one."""
-    present = [s for s in (0, 1) if ctx.fn.next_functions[s][0] is not None]
+def _product_shares(ctx: RuleContext, r: Tensor, slots, n_out: int) -> dict[int, Tensor]:
+    """``R`` of a product of the operands in ``slots`` (``n_out`` elements): uniform between two
+    full-shape data operands, else all to the full-shape data one (module docstring)."""
+    present = [s for s in slots if ctx.fn.next_functions[s][0] is not None]
     receivers = [s for s in present if ctx.data[s]] or present
     if len(receivers) == 2:
-        n_out = ctx.r.numel()
         full = [s for s in receivers if math.prod(ctx.input_shape(s)) == n_out]
         if len(full) == 1:  # the other is broadcast over dims this one spans: a statistic
             receivers = full
-    share = ctx.r if len(receivers) == 1 else ctx.r * 0.5
-    outs = [None, None]
-    for s in receivers:
-        outs[s] = sum_to_shape(share, ctx.input_shape(s))
-    return outs
+    share = r if len(receivers) == 1 else r * 0.5
+    return {s: sum_to_shape(share, ctx.input_shape(s)) for s in receivers}
+
+
+def product_rule(ctx: RuleContext):
+    """Mul/div: uniform between two full-shape data operands, else all to the full-shape data one."""
+    shares = _product_shares(ctx, ctx.r, (0, 1), ctx.r.numel())
+    return [shares.get(0), shares.get(1)]
+
+
+def _known_input(ctx: RuleContext, slot: int) -> Tensor | None:
+    """Input ``slot``'s value; ``None`` for an unrecorded operand the node did not save."""
+    if ctx.fn.next_functions[slot][0] is not None:
+        return ctx.input_value(slot)
+    try:
+        return ctx.input_value(slot)
+    except ValueRecoveryError:
+        return None
+
+
+def _fill_missing(ctx: RuleContext, terms: list[Tensor | None], slots: list[int]) -> list[Tensor]:
+    """Summands of the output; one that is ``None`` (its operand ``slots[i]`` was not recorded
+    nor saved) is recovered as ``out - (the others)``, like the unrecorded operand of add."""
+    missing = [i for i, t in enumerate(terms) if t is None]
+    if not missing:
+        return terms
+    if len(missing) > 1:
+        raise ValueRecoveryError(
+            f"{ctx.fn.name()} (node {ctx.idx}): operands {[slots[i] for i in missing]} are "
+            "constants autograd did not record and the node did not save. " + _UNRECORDED_ADVICE
+        )
+    rest = _output_or_explain(ctx, slots[missing[0]], advice=_UNRECORDED_ADVICE)
+    for t in terms:
+        if t is not None:
+            rest = rest - t
+    return [rest if t is None else t for t in terms]
+
+
+_UNRECORDED_ADVICE = (
+    "Make that operand require grad during the forward pass (an nn.Parameter, or "
+    ".requires_grad_() on the tensor), or explain this node's output itself."
+)
+
+
+def _to_slot(ctx: RuleContext, slot: int, rel: Tensor) -> Tensor:
+    """A summand's share for its operand; an unrecorded one's is returned whole (absorbed)."""
+    if ctx.fn.next_functions[slot][0] is None:
+        return rel
+    return sum_to_shape(rel, ctx.input_shape(slot))
+
+
+def addc_rule(combine):
+    """``z = self + value * combine(t1, t2)`` (``addcmul``: ``t1 * t2``; ``addcdiv``: ``t1 / t2``).
+
+    ``R`` is split over ``self`` and the product term ``p = value * combine(t1, t2)`` like add
+    (``Rules.add``: ``R_self = R |self| / (|self| + |p|)``, or ``R self / stab(self + p)``); the
+    product term's share ``R_p`` goes to ``t1`` and ``t2`` by the mul/div rule: ``R_p / 2`` each
+    when both are full-shape data operands, all to the data (or full-shape) one otherwise.  With
+    no recorded factor the product term's share is absorbed.
+    """
+
+    def rule(ctx: RuleContext):
+        value = ctx.saved("_saved_value")
+        t1, t2 = _known_input(ctx, 1), _known_input(ctx, 2)
+        p = None if t1 is None or t2 is None else value * combine(t1, t2)
+        a, p = _fill_missing(ctx, [_known_input(ctx, 0), p], [0, 1])
+        ra, rp = _split_sum(ctx, [a, p], ctx.rules.add)
+        recorded = [s for s in (1, 2) if ctx.fn.next_functions[s][0] is not None]
+        n_out = math.prod(torch.broadcast_shapes(*(ctx.input_shape(s) for s in recorded)))
+        shares = _product_shares(ctx, rp, (1, 2), n_out)
+        if not shares:
+            ctx.absorb(rp)
+        return [_to_slot(ctx, 0, ra), shares.get(1), shares.get(2)]
+
+    return rule
+
+
+def lerp_rule(ctx: RuleContext):
+    """``z = lerp(a, b, w) = (1 - w) * a + w * b``: ``R`` split over the two terms ``(1 - w) * a``
+    and ``w * b`` like add (``Rules.add``).  A tensor weight (``LerpBackward1``) is held constant
+    and receives nothing; a weight that depends on data raises ``NotImplementedError``."""
+    if ctx.n_inputs() == 3:
+        if ctx.data[2]:
+            raise NotImplementedError(
+                f"{ctx.fn.name()} (node {ctx.idx}): torch.lerp with a weight that depends on the "
+                "data is not supported (the weight is treated as a constant). Write the "
+                "interpolation out as a + w * (b - a), or explain it with the weight detached."
+            )
+        w = ctx.input_value(2)
+    else:
+        w = ctx.saved("_saved_weight")
+    a, b = _known_input(ctx, 0), _known_input(ctx, 1)
+    terms = [None if a is None else (1 - w) * a, None if b is None else w * b]
+    ra, rb = _split_sum(ctx, _fill_missing(ctx, terms, [0, 1]), ctx.rules.add)
+    return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)] + [None] * (ctx.n_inputs() - 2)
 
 
 def _unary(replay=None, saved_inputs=None, saved_outputs=None) -> OpEntry:
@@ -224,5 +325,33 @@ TABLE = {
     # training-mode dropout (CUDA kernel): replay with the saved mask; identity rule
     "NativeDropoutBackward0": _unary(
         lambda c: (c.inputs[0] * c.saved("_saved_result1") * c.saved("_saved_scale"),)
+    ),
+    # fused multiply-add and interpolation of two tensors: add-like splits
+    "AddcmulBackward0": OpEntry(
+        "elementwise-binary",
+        addc_rule(torch.mul),
+        needs_values=True,
+        saved_inputs={1: "_saved_tensor1", 2: "_saved_tensor2"},
+        replay=lambda c: (torch.addcmul(*c.inputs, value=c.saved("_saved_value")),),
+    ),
+    "AddcdivBackward0": OpEntry(
+        "elementwise-binary",
+        addc_rule(torch.div),
+        needs_values=True,
+        saved_inputs={1: "_saved_tensor1", 2: "_saved_tensor2"},
+        replay=lambda c: (torch.addcdiv(*c.inputs, value=c.saved("_saved_value")),),
+    ),
+    "LerpBackward0": OpEntry(
+        "elementwise-binary",
+        lerp_rule,
+        needs_values=True,
+        replay=lambda c: (torch.lerp(*c.inputs, c.saved("_saved_weight")),),
+    ),
+    "LerpBackward1": OpEntry(
+        "elementwise-binary",
+        lerp_rule,
+        needs_values=True,
+        saved_inputs={0: "_saved_self", 1: "_saved_end", 2: "_saved_weight"},
+        replay=lambda c: (torch.lerp(*c.inputs),),
     ),
 }

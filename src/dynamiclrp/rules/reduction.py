@@ -1,16 +1,26 @@
-"""Linear reductions: sum, mean, cumsum, average pooling.
+"""Reductions: sum, mean, cumsum, average pooling, interpolation; norms, variance, products.
 
-Each is a linear map ``z = L(x)`` with non-negative coefficients; ``L^T`` is the node's own backward.
+Linear ones (sum, mean, cumsum, average pooling, linear/bilinear/trilinear interpolation) are a map
+``z = L(x)`` with non-negative coefficients; ``L^T`` is the node's own backward.
 Preset ``reduction="proportional"`` (like add): ``R_x = |x| * L^T(R / L(|x|))``, each element's share
 of a group proportional to its magnitude (zero where the whole group is zero).
 ``reduction="signed"`` (epsilon): ``R_x = x * L^T(R / stab(L(x)))``.
+Bicubic interpolation has negative coefficients and always uses the signed form.
+
+Non-linear reductions over a group ``G`` split each output's relevance over the group by a
+non-negative weight per element (``R_x = R * w / sum_G w``, 0 where ``sum_G w = 0``):
+``w = |x|^p`` for a p-norm, ``w = (x - mean_G x)^2`` for variance and standard deviation, and
+``w = 1`` for a product (the uniform rule).
 (Max-type reductions route to the winner: see :mod:`.routing`.)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .base import OpEntry, RuleContext, saved
 from .linear import stabilize
@@ -32,8 +42,28 @@ def linear_reduction(forward):
             den = forward(ctx.fn, ax)
             g = torch.where(den > 0, r / torch.where(den > 0, den, 1), 0)
             return (ax * _transpose(ctx, g),)
-        g = r / stabilize(forward(ctx.fn, x), ctx.eps)
-        return (x * _transpose(ctx, g),)
+        return _signed_linear(ctx, forward, x)
+
+    return rule
+
+
+def _signed_linear(ctx: RuleContext, forward, x: Tensor):
+    g = ctx.r / stabilize(forward(ctx.fn, x), ctx.eps)
+    return (x * _transpose(ctx, g),)
+
+
+def signed_linear_map(forward):
+    """Rule for ``z = forward(x)`` linear with coefficients of either sign: always the epsilon
+    form ``R_x = x * L^T(R / stab(L(x)))``, whatever ``Rules.reduction`` says.
+
+    The proportional form ``|x| * L^T(R / L(|x|))`` assumes non-negative coefficients: with a
+    negative coefficient ``L(|x|)`` is no longer the sum of the magnitudes of the contributions
+    (it can be 0 or negative while they are not) and an element's share can take the opposite
+    sign of its contribution, so it is not a magnitude split at all.
+    """
+
+    def rule(ctx: RuleContext):
+        return _signed_linear(ctx, forward, ctx.input_value(0))
 
     return rule
 
@@ -75,13 +105,172 @@ def _adaptive_avg(dim):
     return lambda fn, x: pool(x, tuple(fn._input_metadata[0].shape)[-dim:])
 
 
-def _entry(forward, saved_self: bool) -> OpEntry:
+def _upsample(op, scales: tuple[str, ...]):
+    """``z = op(x, output_size, align_corners, *scales)``: the aten op autograd recorded, called
+    with the node's saved arguments (what ``F.interpolate`` calls, so the replay is exact also
+    when ``scale_factor`` was given and the saved scales, not the sizes, set the coordinates)."""
+
+    def forward(fn, x):
+        return op(
+            x,
+            list(saved(fn, "_saved_output_size")),
+            saved(fn, "_saved_align_corners"),
+            *(saved(fn, f"_saved_{s}") for s in scales),
+        )
+
+    return forward
+
+
+_HW = ("scales_h", "scales_w")
+_UPSAMPLE = {
+    "UpsampleLinear1DBackward0": (torch.ops.aten.upsample_linear1d.default, ("scales",)),
+    "UpsampleBilinear2DBackward0": (torch.ops.aten.upsample_bilinear2d.default, _HW),
+    "UpsampleTrilinear3DBackward0": (
+        torch.ops.aten.upsample_trilinear3d.default,
+        ("scales_d", *_HW),
+    ),
+    "UpsampleBilinear2DAaBackward0": (torch.ops.aten._upsample_bilinear2d_aa.default, _HW),
+}
+_UPSAMPLE_SIGNED = {
+    "UpsampleBicubic2DBackward0": (torch.ops.aten.upsample_bicubic2d.default, _HW),
+    "UpsampleBicubic2DAaBackward0": (torch.ops.aten._upsample_bicubic2d_aa.default, _HW),
+}
+
+
+def _entry(forward, saved_self: bool, rule=None) -> OpEntry:
     return OpEntry(
         "reduction",
-        linear_reduction(forward),
+        rule or linear_reduction(forward),
         needs_values=not saved_self,
         saved_inputs={0: "_saved_self"} if saved_self else {},
         replay=lambda c: (forward(c.fn, c.inputs[0]),),
+    )
+
+
+# --- non-linear reductions: a non-negative weight per element of each group ----------------------
+
+
+def _group_dims(fn, ndim: int) -> list[int]:
+    """The reduced dimensions, non-negative; ``None`` or empty means all."""
+    dims = saved(fn, "_saved_dim") if hasattr(fn, "_saved_dim") else None
+    if dims is None:
+        return list(range(ndim))
+    if isinstance(dims, int):
+        dims = (dims,)
+    return sorted(d % ndim for d in dims) if len(dims) else list(range(ndim))
+
+
+def _per_group(t: Tensor, dims: list[int]) -> Tensor:
+    """``t`` summed over each group, keeping the reduced dimensions as size 1."""
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def _split_by_weight(w: Tensor, r: Tensor, dims: list[int]) -> Tensor:
+    """``R_x = w * R / sum_G w`` (0 where ``sum_G w = 0``); ``r`` in the output's shape, with or
+    without the reduced dimensions (same element order either way)."""
+    den = _per_group(w, dims)
+    r = r.reshape(den.shape)
+    return w * torch.where(den > 0, r / torch.where(den > 0, den, 1), 0)
+
+
+def _norm_weights(x: Tensor, p: float, dims: list[int]) -> Tensor:
+    """``|x|^p`` up to a positive factor per group (scaled by the group's largest, or for
+    ``p < 0`` smallest, magnitude so that large ``|p|`` neither overflows nor underflows)."""
+    ax = x.abs()
+    if p == 0:  # the count of non-zeros: one share each
+        return (x != 0).to(x.dtype)
+    if math.isinf(p):  # max (min) |x|: winner takes all, ties split evenly
+        best = ax.amax(dims, keepdim=True) if p > 0 else ax.amin(dims, keepdim=True)
+        return (ax == best).to(x.dtype)
+    if p > 0:
+        m = ax.amax(dims, keepdim=True)
+        return torch.where(m > 0, ax / torch.where(m > 0, m, 1), 0) ** p
+    m = ax.amin(dims, keepdim=True)  # p < 0: the smallest magnitudes dominate, a zero takes all
+    return torch.where(m > 0, (ax / torch.where(m > 0, m, 1)) ** p, (ax == 0).to(x.dtype))
+
+
+def norm_rule(ctx: RuleContext):
+    """``z = ||x||_p`` over a group: ``R_x = R * |x|^p / sum_G |x|^p``, each element's share of
+    the ``p``-th power sum.  ``p = inf`` (``-inf``): all to the element(s) of largest (smallest)
+    magnitude, ties split evenly; ``p = 0``: evenly over the non-zero elements."""
+    x = ctx.input_value(0)
+    dims = _group_dims(ctx.fn, x.dim())
+    p = float(ctx.saved("_saved_ord"))
+    return (_split_by_weight(_norm_weights(x, p, dims), ctx.r, dims),)
+
+
+def _centred_squares(x: Tensor, dims: list[int]) -> Tensor:
+    return (x - x.mean(dims, keepdim=True) if dims else torch.zeros_like(x)) ** 2
+
+
+def _mean_share(ctx: RuleContext, x: Tensor, r: Tensor, dims: list[int]) -> Tensor:
+    """The mean's rule (as ``MeanBackward1``, per ``Rules.reduction``) for ``var_mean``'s mean."""
+    if ctx.rules.reduction == "proportional":
+        return _split_by_weight(x.abs(), r, dims)
+    n = math.prod(x.shape[d] for d in dims)
+    mean = _per_group(x, dims) / n
+    return x * (r.reshape(mean.shape) / stabilize(mean, ctx.eps)) / n
+
+
+def variance_rule(ctx: RuleContext):
+    """``z = var(x)`` or ``std(x)`` over a group: ``R_x = R * (x - m)^2 / sum_G (x - m)^2`` with
+    ``m = mean_G(x)`` (the correction does not matter).  For ``var_mean`` / ``std_mean`` the
+    mean's relevance is added, split by the mean's own rule (``Rules.reduction``)."""
+    x = ctx.input_value(0)
+    dims = _group_dims(ctx.fn, x.dim())
+    rx = _split_by_weight(_centred_squares(x, dims), ctx.relevance[0], dims)
+    if len(ctx.relevance) > 1:
+        rx = rx + _mean_share(ctx, x, ctx.relevance[1], dims)
+    return (rx,)
+
+
+def product_reduction_rule(ctx: RuleContext):
+    """``z = prod_G x``: uniform rule, ``R_x = R / n`` for each of the ``n`` factors of its
+    product (as for a product of data operands).  No forward value is needed."""
+    shape = ctx.input_shape(0)
+    dims = _group_dims(ctx.fn, len(shape))
+    n = math.prod(shape[d] for d in dims)
+    kept = [1 if d in dims else s for d, s in enumerate(shape)]
+    return ((ctx.r.reshape(kept) / n).expand(shape).clone(),)
+
+
+def _moments(fn, x, op):
+    dims = saved(fn, "_saved_dim")
+    return op(
+        x,
+        None if dims is None else list(dims),
+        correction=saved(fn, "_saved_correction"),
+        keepdim=saved(fn, "_saved_keepdim"),
+    )
+
+
+def _moment_entry(op, result: str | None = None) -> OpEntry:
+    def replay(c):
+        out = _moments(c.fn, c.inputs[0], op)
+        return out if isinstance(out, tuple) else (out,)
+
+    return OpEntry(
+        "reduction",
+        variance_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: result} if result else {},
+        replay=replay,
+    )
+
+
+def _prod_replay(c):
+    if not hasattr(c.fn, "_saved_dim"):
+        return (torch.prod(c.inputs[0]),)
+    return (torch.prod(c.inputs[0], c.saved("_saved_dim"), keepdim=c.saved("_saved_keepdim")),)
+
+
+def _prod_entry() -> OpEntry:
+    return OpEntry(
+        "reduction",
+        product_reduction_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=_prod_replay,
     )
 
 
@@ -97,4 +286,29 @@ TABLE = {
     "AvgPool3DBackward0": _entry(_avg_pool(3), saved_self=True),
     "AdaptiveAvgPool2DBackward0": _entry(_adaptive_avg(2), saved_self=True),
     "AdaptiveAvgPool3DBackward0": _entry(_adaptive_avg(3), saved_self=True),
+    "LinalgVectorNormBackward0": OpEntry(
+        "reduction",
+        norm_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (
+            torch.linalg.vector_norm(
+                c.inputs[0],
+                c.saved("_saved_ord"),
+                c.saved("_saved_dim"),
+                c.saved("_saved_keepdim"),
+            ),
+        ),
+    ),
+    "VarBackward0": _moment_entry(torch.var),
+    "StdBackward0": _moment_entry(torch.std, "_saved_result"),
+    "VarMeanBackward0": _moment_entry(torch.var_mean),
+    "StdMeanBackward0": _moment_entry(torch.std_mean, "_saved_result0"),
+    "ProdBackward0": _prod_entry(),
+    "ProdBackward1": _prod_entry(),
 }
+for _name, (_op, _scales) in _UPSAMPLE.items():
+    TABLE[_name] = _entry(_upsample(_op, _scales), saved_self=False)
+for _name, (_op, _scales) in _UPSAMPLE_SIGNED.items():
+    _forward = _upsample(_op, _scales)
+    TABLE[_name] = _entry(_forward, saved_self=False, rule=signed_linear_map(_forward))
