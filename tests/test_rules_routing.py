@@ -352,3 +352,21 @@ def test_bijective_routing_chain_conserves(shape, perm_seed, flip, shift, seed) 
     rx = dynamiclrp.explain(out, x, relevance=R)
     close(rx.sum(), R.sum())
     close(rx, vjp(f, [x], R)[0])
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact"])
+@pytest.mark.parametrize("shape", [(1, 2, 4), (1, 1, 3, 4), (1, 1, 2, 3, 4)])
+def test_nearest_upsampling_routes_and_replays(mode, shape) -> None:
+    """Nearest upsampling copies elements (routing); a downstream ``+ bias`` needs its value,
+    rebuilt with the recorded output size and scale (2.5 is not reproducible from sizes)."""
+    g = gen(30)
+    x = randn(g, *shape, grad=True)
+    scale = 2.5 if len(shape) < 5 else 2.0
+    bias = torch.nn.Parameter(randn(gen(31), 1))
+    up = F.interpolate(x.exp(), scale_factor=scale, mode=mode)
+    R = randn(g, *up.shape)
+    rx = dynamiclrp.explain(up + bias, x, relevance=R)
+    u = up.detach()
+    share = R * u.abs() / (u.abs() + bias.detach().abs())
+    (ex,) = vjp(lambda t: F.interpolate(t, scale_factor=scale, mode=mode), [x], share)
+    close(rx, ex)

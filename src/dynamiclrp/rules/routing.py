@@ -39,6 +39,24 @@ def _index(c: ReplayContext):
     return (c.inputs[0][idx],)
 
 
+def _nearest(dims: int, exact: str) -> OpEntry:
+    """Nearest-neighbour upsampling copies elements: routing. Replayed with the recorded aten op
+    (output size and scales), which ``F.interpolate`` from sizes alone does not reproduce."""
+    name = f"_upsample_nearest_exact{dims}d" if exact else f"upsample_nearest{dims}d"
+
+    def replay(c: ReplayContext):
+        op = getattr(torch.ops.aten, name).default
+        names = (
+            ("_saved_scales",)
+            if dims == 1
+            else tuple(f"_saved_scales_{a}" for a in "dhw"[3 - dims :])
+        )
+        scales = [c.saved(n) for n in names]
+        return (op(c.inputs[0], list(c.saved("_saved_output_size")), *scales),)
+
+    return _routing(replay)
+
+
 def _split(c: ReplayContext):
     x, dim = c.inputs[0], c.saved("_saved_dim")
     sizes = getattr(c.fn, "_saved_split_sizes", None)
@@ -174,7 +192,9 @@ TABLE = {
     "EmbeddingBackward0": _routing(
         lambda c: (torch.nn.functional.embedding(c.saved("_saved_indices"), c.inputs[0]),)
     ),
-    "UpsampleNearest2DBackward0": _routing(
-        lambda c: (torch.nn.functional.interpolate(c.inputs[0], size=c.out_shape()[-2:]),)
-    ),
+    **{
+        f"UpsampleNearest{exact}{d}DBackward0": _nearest(d, exact)
+        for d in (1, 2, 3)
+        for exact in ("", "Exact")
+    },
 }
