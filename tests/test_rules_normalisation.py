@@ -359,3 +359,19 @@ def test_batch_norm1d_eval_no_affine() -> None:
     scale = 1 / torch.sqrt(bn.running_var + bn.eps)
     y = (x.detach() - bn.running_mean) * scale
     close(rx, x.detach() * scale * R / stab(y, RULES.eps))
+
+
+def test_weight_norm_passes_relevance_to_the_direction() -> None:
+    """w = g * v / ||v||: the scale is a statistic, R_v = R_w; requested as a parameter path."""
+    v = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    g = torch.nn.Parameter(torch.rand(4, 1, dtype=torch.float64) + 0.5)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch._weight_norm(v, g, 0)
+    z = x @ w.t()
+    R = torch.randn(2, 4, dtype=torch.float64)
+    rx, rv = dynamiclrp.explain(z, [x, v], relevance=R, rules=dynamiclrp.Rules(eps=1e-12))
+    wd = w.detach()
+    g_z = R / (x.detach() @ wd.t())
+    torch.testing.assert_close(rx, x.detach() * (g_z @ wd))
+    torch.testing.assert_close(rv, wd * (g_z.t() @ x.detach()))  # R_w, passed on unchanged
+    assert dynamiclrp.coverage(z).uncovered == []

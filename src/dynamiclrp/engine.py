@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,6 +40,10 @@ class Plan:
     data: list[bool]
     reach: list[bool]
     promises: PromisePlan
+    first: frozenset[int] = frozenset()
+    """The first contractions (``Rules.first``): nearest to a requested input."""
+    merged: dict[int, int] = field(default_factory=dict)
+    """Batch norm <-> contraction pairs, both ways (``Rules.canonize_batchnorm``)."""
 
 
 class LRP:
@@ -48,8 +52,9 @@ class LRP:
     Parameters
     ----------
     rules:
-        A preset name (``"dynamiclrp"``, ``"epsilon"``, ``"gamma"``, ``"zplus"``, ``"alpha2beta1"``)
-        or a :class:`~dynamiclrp.presets.Rules` object.
+        A preset name (``"dynamiclrp"``, ``"epsilon"``, ``"gamma"``, ``"zplus"``, ``"alpha2beta1"``,
+        the ``"zennit-*"`` ones of ``docs/presets.md``) or a :class:`~dynamiclrp.presets.Rules`
+        object.
     cache_size:
         How many plans (graph structures) to keep; 0 disables caching.
 
@@ -114,13 +119,13 @@ class LRP:
     # -- planning -----------------------------------------------------------------------------
 
     def _plan(self, graph: Graph, requested: tuple[Edge, ...], is_param: list[bool]) -> Plan:
-        key = (graph.signature, requested, tuple(is_param))
+        key = (graph.signature, requested, tuple(is_param), self.rules.first_kinds)
         plan = self._plans.get(key)
         self.last_plan_cached = plan is not None
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        plan = make_plan(graph, requested, is_param)
+        plan = make_plan(graph, requested, is_param, self.rules.first_kinds)
         if self.cache_size:
             self._plans[key] = plan
             while len(self._plans) > self.cache_size:
@@ -147,8 +152,16 @@ def _input_edge(graph: Graph, t, i: int) -> Edge:
     return (j, edge.output_nr)
 
 
-def make_plan(graph: Graph, requested: tuple[Edge, ...], is_param: list[bool]) -> Plan:
-    """Analyse the graph: entries, data flags, reachability, order; check coverage first."""
+def make_plan(
+    graph: Graph,
+    requested: tuple[Edge, ...],
+    is_param: list[bool],
+    first_kinds: tuple[str, ...] = ("dense", "conv"),
+) -> Plan:
+    """Analyse the graph: entries, data flags, reachability, order; check coverage first.
+
+    Also finds the first contractions of a kind in ``first_kinds`` (:func:`_first_contractions`)
+    and the batch norms that can merge into the layer before them (:func:`_batchnorm_pairs`)."""
     n = len(graph)
     entries = [OP_TABLE.get(name) for name in graph.names]
     topo = graph.topological_order()
@@ -175,7 +188,58 @@ def make_plan(graph: Graph, requested: tuple[Edge, ...], is_param: list[bool]) -
             f"{graph.describe(first)}. Nothing was propagated. Add an entry to the op table "
             "(dynamiclrp.rules) for each, or explain an intermediate tensor below them."
         )
-    return Plan(graph.signature, requested, order, entries, data, reach, PromisePlan())
+    first = _first_contractions(graph, entries, data, topo, data_requested, first_kinds)
+    merged = _batchnorm_pairs(graph, entries, data)
+    return Plan(
+        graph.signature, requested, order, entries, data, reach, PromisePlan(), first, merged
+    )
+
+
+def _data_operand(graph: Graph, entry: OpEntry | None, data: list[bool], v: int) -> int | None:
+    """The slot of a contraction's only data operand (``None``: not a contraction with exactly
+    one data operand, e.g. ``q @ k^T``)."""
+    if entry is None or entry.kind is None:
+        return None
+    kids = graph.children[v]
+    slots = [s for s in entry.operands if kids[s] is not None and data[kids[s][0]]]
+    return slots[0] if len(slots) == 1 else None
+
+
+def _first_contractions(graph, entries, data, topo, starts, kinds) -> frozenset[int]:
+    """Contractions of a kind in ``kinds`` whose data operand comes from a requested data input
+    (``starts``) with no other such contraction in between: Zennit's "first layer", taken from
+    the graph instead of the order modules were registered in."""
+    free = [False] * len(graph)  # the node's output reaches a start with no contraction between
+    first = set()
+    for v in reversed(topo):  # children first
+        e = entries[v]
+        slot = _data_operand(graph, e, data, v) if e is not None and e.kind in kinds else None
+        if slot is not None:
+            if free[graph.children[v][slot][0]]:
+                first.add(v)
+            free[v] = v in starts
+        else:
+            free[v] = v in starts or any(free[k[0]] for k in graph.children[v] if k is not None)
+    return frozenset(first)
+
+
+def _batchnorm_pairs(graph: Graph, entries, data: list[bool]) -> dict[int, int]:
+    """Batch norms whose input is the output of a contraction (convolution, ``mm``, ``addmm``)
+    that nothing else consumes, the contraction's data operand in its usual slot: each such pair
+    maps both ways.  Whether they merge is decided when the rules run (``Rules``, eval mode)."""
+    pairs: dict[int, int] = {}
+    for v, e in enumerate(entries):
+        if e is None or e.canonize != "batchnorm" or graph.children[v][0] is None:
+            continue
+        edge = graph.children[v][0]
+        c = edge[0]
+        ce = entries[c]
+        if ce is None or ce.canonize != "contraction" or len(graph.consumers[edge]) != 1:
+            continue
+        if _data_operand(graph, ce, data, c) != ce.operands[0]:
+            continue
+        pairs[v], pairs[c] = c, v
+    return pairs
 
 
 def _is_source(graph: Graph, v: int) -> bool:
@@ -220,6 +284,25 @@ class _Run:
 
     def known_value(self, idx: int, k: int) -> Tensor | None:
         return self.resolver.at_hand((idx, k))
+
+    def is_first(self, idx: int) -> bool:
+        return idx in self.plan.first
+
+    def partner(self, idx: int) -> RuleContext | None:
+        j = self.plan.merged.get(idx) if self.rules.canonize_batchnorm else None
+        return None if j is None else self._context(j, [])
+
+    def _context(self, v: int, rel: list[Tensor]) -> RuleContext:
+        kids = self.graph.children[v]
+        return RuleContext(
+            self,
+            v,
+            self.graph.fns[v],
+            rel,
+            [e is not None and self.plan.data[e[0]] for e in kids],
+            [e is not None and self.plan.reach[e[0]] for e in kids],
+            self.rules,
+        )
 
     def input_shape(self, idx: int, slot: int) -> torch.Size:
         edge = self.graph.children[idx][slot]
@@ -272,15 +355,7 @@ class _Run:
         """
         g, plan, ledger = self.graph, self.plan, self.ledger
         kids = g.children[v]
-        ctx = RuleContext(
-            self,
-            v,
-            g.fns[v],
-            rel,
-            [e is not None and plan.data[e[0]] for e in kids],
-            [e is not None and plan.reach[e[0]] for e in kids],
-            self.rules,
-        )
+        ctx = self._context(v, rel)
         entry = plan.entries[v]
         outs = entry.rule(ctx)
         books = plan.data[v]

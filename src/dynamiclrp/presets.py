@@ -6,6 +6,8 @@ particular parameters, given as tensors or as parameter names of a model::
 
     rules = dynamiclrp.preset("dynamiclrp").override(ZBox(-3.0, 3.0), params=[model.conv1.weight])
     rules = dynamiclrp.preset("epsilon").override(Gamma(0.25), names=["features.0.weight"], model=m)
+
+The ``"zennit-*"`` presets reproduce Zennit's composites of the same names (``docs/presets.md``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .rules.linear import AlphaBeta, Epsilon, Gamma, ZPlus
+from .rules.linear import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
 
 PROPORTIONAL, SIGNED = "proportional", "signed"
+EPSILON, PASS = "epsilon", "pass"
+KINDS = ("dense", "conv")
 
 
 def _storage_key(t: Tensor) -> tuple[int, torch.device]:
@@ -52,6 +56,18 @@ class Rules:
         The same choice for sum, mean, cumsum and average pooling.
     overrides:
         Per-layer contraction rules, first match wins.
+    first, first_kinds:
+        Contraction rule for the *first* layers (``None``: no special rule): the contractions of a
+        kind in ``first_kinds`` whose data operand comes from a requested input with no other such
+        contraction in between (Zennit's first layer, found from the graph).  Overrides win.
+    batchnorm:
+        ``"epsilon"``: the epsilon rule on batch norm's affine map; ``"pass"``: relevance passes
+        through unchanged (Zennit's ``Pass``).
+    canonize_batchnorm:
+        Merge an eval-mode batch norm into the convolution or linear layer that feeds only it:
+        the pair is one affine contraction ``w * s``, ``(b - mean) * s + beta``,
+        ``s = gamma / sqrt(var + eps)``, explained by that layer's rule; the batch norm passes
+        relevance through.
     """
 
     name: str = "dynamiclrp"
@@ -61,23 +77,36 @@ class Rules:
     add: str = PROPORTIONAL
     reduction: str = PROPORTIONAL
     overrides: tuple[LayerOverride, ...] = ()
+    first: object | None = None
+    first_kinds: tuple[str, ...] = KINDS
+    batchnorm: str = EPSILON
+    canonize_batchnorm: bool = False
 
     def __post_init__(self):
-        for what in ("add", "reduction"):
-            if getattr(self, what) not in (PROPORTIONAL, SIGNED):
+        for what, allowed in (
+            ("add", (PROPORTIONAL, SIGNED)),
+            ("reduction", (PROPORTIONAL, SIGNED)),
+            ("batchnorm", (EPSILON, PASS)),
+        ):
+            if getattr(self, what) not in allowed:
                 raise ValueError(
-                    f"Rules.{what} must be {PROPORTIONAL!r} or {SIGNED!r}, got {getattr(self, what)!r}"
+                    f"Rules.{what} must be one of {allowed}, got {getattr(self, what)!r}"
                 )
+        if not set(self.first_kinds) <= set(KINDS):
+            raise ValueError(f"Rules.first_kinds must be among {KINDS}, got {self.first_kinds!r}")
         if not self.eps > 0:
             raise ValueError(f"Rules.eps must be positive, got {self.eps}")
 
-    def rule_for(self, kind: str, tensors: Iterable[Tensor]):
-        """The contraction rule for ``kind`` (``"dense"`` or ``"conv"``) with operands ``tensors``."""
+    def rule_for(self, kind: str, tensors: Iterable[Tensor], first: bool = False):
+        """The contraction rule for ``kind`` (``"dense"`` or ``"conv"``) with operands ``tensors``;
+        ``first``: the layer is a first contraction (see ``first``)."""
         if self.overrides:
             keys = {_storage_key(t) for t in tensors if t is not None}
             for o in self.overrides:
                 if keys & o.keys:
                     return o.rule
+        if first and self.first is not None:
+            return self.first
         return self.dense if kind == "dense" else self.conv
 
     def override(
@@ -107,6 +136,31 @@ class Rules:
         return replace(self, overrides=self.overrides + (LayerOverride(rule, keys),))
 
 
+def _zennit(name: str, conv, **first) -> Rules:
+    """Zennit's composites: epsilon for linear layers, ``conv`` for convolutions, its ``Norm``
+    rule (signed) for sums and average pooling, ``Pass`` for activations and batch norm, batch
+    norm merged into the layer before it (its canonizers), stabiliser ``1e-6`` everywhere."""
+    return Rules(
+        name=name,
+        dense=Epsilon(),
+        conv=conv,
+        add=SIGNED,
+        reduction=SIGNED,
+        batchnorm=PASS,
+        canonize_batchnorm=True,
+        **first,
+    )
+
+
+def zennit_epsilon_gamma_box(low: float | Tensor = 0.0, high: float | Tensor = 1.0) -> Rules:
+    """Zennit's ``EpsilonGammaBox(low, high)``: z-box on the first convolution (without its bias,
+    as Zennit computes it), gamma 0.25 on the others, epsilon on linear layers.  ``low``/``high``
+    bound the input (scalars or tensors broadcastable to it, e.g. ``(1, 3, 1, 1)`` per channel);
+    the preset name uses ``[0, 1]``, the range of un-normalised images."""
+    box = ZBox(low, high, bias=False)
+    return _zennit("zennit-epsilon-gamma-box", Gamma(0.25), first=box, first_kinds=("conv",))
+
+
 PRESETS = {
     "dynamiclrp": lambda: Rules(),
     "epsilon": lambda: Rules(name="epsilon", add=SIGNED, reduction=SIGNED),
@@ -121,12 +175,21 @@ PRESETS = {
         dense=AlphaBeta(2.0, 1.0),
         conv=AlphaBeta(2.0, 1.0),
     ),
+    "zennit-epsilon-plus": lambda: _zennit("zennit-epsilon-plus", ZPlus()),
+    "zennit-epsilon-plus-flat": lambda: _zennit("zennit-epsilon-plus-flat", ZPlus(), first=Flat()),
+    "zennit-epsilon-gamma-box": zennit_epsilon_gamma_box,
+    "zennit-epsilon-alpha2-beta1": lambda: _zennit(
+        "zennit-epsilon-alpha2-beta1", AlphaBeta(2.0, 1.0)
+    ),
+    "zennit-epsilon-alpha2-beta1-flat": lambda: _zennit(
+        "zennit-epsilon-alpha2-beta1-flat", AlphaBeta(2.0, 1.0), first=Flat()
+    ),
 }
 
 
 def preset(rules: str | Rules) -> Rules:
     """Resolve a preset name (``"dynamiclrp"``, ``"epsilon"``, ``"gamma"``, ``"zplus"``,
-    ``"alpha2beta1"``) or pass a :class:`Rules` through."""
+    ``"alpha2beta1"``, the ``"zennit-*"`` ones) or pass a :class:`Rules` through."""
     if isinstance(rules, Rules):
         return rules
     if isinstance(rules, str) and rules in PRESETS:

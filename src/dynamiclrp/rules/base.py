@@ -8,7 +8,9 @@ An :class:`OpEntry` answers, for one autograd node type, everything the engine n
 - ``saved_inputs`` / ``saved_outputs``: which ``_saved_*`` attributes hold which forward values, so a
   node serves as an *arg node* for its inputs or output;
 - ``replay``: the forward computation of the node from its input values (the forward chain of a
-  promise).
+  promise);
+- ``kind``, ``operands``, ``canonize``: what the plan needs to know of contractions and batch norms
+  (which layer is the first one, which batch norm merges into which contraction).
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ class OpEntry:
     saved_inputs: dict[int, str] = field(default_factory=dict)
     saved_outputs: dict[int, str] = field(default_factory=dict)
     replay: Replay | None = None
+    kind: str | None = None
+    """Contraction kind, ``"dense"`` or ``"conv"`` (selects ``Rules.dense`` / ``Rules.conv``)."""
+    operands: tuple[int, ...] = ()
+    """The input slots of a contraction's two operands, the data operand's usual slot first."""
+    canonize: str | None = None
+    """``"contraction"``: a layer a following batch norm can merge into (its output channels are
+    dimension 1); ``"batchnorm"``: a batch norm that can merge into the contraction feeding it."""
 
 
 _WRAP = 1 << 64
@@ -153,8 +162,15 @@ class RuleContext:
         return len(self.data)
 
     def layer_rule(self, family: str, *tensors: Tensor):
-        """The rule for ``family`` here, honouring per-layer overrides keyed on ``tensors``."""
-        return self.rules.rule_for(family, tensors)
+        """The rule for ``family`` here, honouring per-layer overrides keyed on ``tensors`` and
+        ``Rules.first`` when this node is a first contraction (nearest to the input)."""
+        return self.rules.rule_for(family, tensors, first=self._engine.is_first(self.idx))
+
+    def partner(self) -> RuleContext | None:
+        """With ``Rules.canonize_batchnorm``: the context of the batch norm this contraction merges
+        with, or of the contraction this batch norm merges into (paired by the plan); else
+        ``None``.  The rules still check that the batch norm is in eval mode."""
+        return self._engine.partner(self.idx)
 
 
 def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:

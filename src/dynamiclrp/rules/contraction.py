@@ -8,6 +8,11 @@ padding, dilation, groups, transposed).
 - Two data operands (``q @ k^T``, ``attention @ v``): the uniform bilinear rule, half to each
   (for ``addmm``/``baddbmm`` of two data operands the added term is left out of ``z``).
 - ``mv`` and ``dot`` are contractions like ``mm``.
+- ``Rules.first``: the rule of the first contractions (nearest to the input, found by the plan).
+- ``Rules.canonize_batchnorm``: a convolution, ``mm`` or ``addmm`` whose output only feeds an
+  eval-mode batch norm (paired by the plan) is explained as one affine contraction with the merged
+  weight ``w * s`` and bias ``(b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``; the batch
+  norm passes relevance through and the merged bias's share is absorbed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .linear import (
     matmul_map,
     parameter_relevance,
 )
+from .normalisation import batchnorm_affine
 
 
 def _swap(m: LinearMap) -> LinearMap:
@@ -67,12 +73,23 @@ def contract(
     else:
         (sx, x), (sw, w), mm = (sa, a), (sb, b), m
     rule = ctx.layer_rule(kind, w)
-    if isinstance(rule, Epsilon) and (z := ctx.known_output()) is not None:
+    bn = ctx.partner()
+    affine = None if bn is None else batchnorm_affine(bn)
+    if affine is not None:  # one affine contraction with the batch norm it feeds
+        scale, shift = affine
+        w = _merged_weight(ctx.fn, kind, w, scale)
+        bias = (shift if bias is None else bias * scale + shift).expand(ctx.r.shape)
+        z = bn.known_output()
+    else:
+        z = ctx.known_output()
+    if isinstance(rule, Epsilon) and z is not None:
         res = rule(mm, x, w, bias, ctx.r, ctx.eps, z=z)  # the forward value is at hand
     else:
         res = rule(mm, x, w, bias, ctx.r, ctx.eps)
     outs[sx] = res.x
-    if bias_slot is not None and res.bias is not None and ctx.fn.next_functions[bias_slot][0]:
+    if affine is not None and res.bias is not None:
+        ctx.absorb(res.bias)  # the merged bias: this layer's and the batch norm's
+    elif bias_slot is not None and res.bias is not None and ctx.fn.next_functions[bias_slot][0]:
         if kind == "conv":  # the bias is per channel, dimension 1
             rb = res.bias.sum([d for d in range(res.bias.dim()) if d != 1])
         else:
@@ -81,6 +98,20 @@ def contract(
     if ctx.wanted[sw]:
         ctx.parameter[sw] = parameter_relevance(rule, mm, x, w, bias, ctx.r, ctx.eps)
     return outs
+
+
+def _merged_weight(fn, kind: str, w: Tensor, scale: Tensor) -> Tensor:
+    """``w'`` with ``f(x, w') = scale * f(x, w)``, ``scale`` per output channel (dimension 1)."""
+    s = scale.reshape(-1)
+    if kind == "dense":  # z = x @ w: the channels are w's columns
+        return w * s
+    if not fn._saved_transposed:  # (C_out, C_in / groups, *kernel)
+        return w * s.view(-1, *([1] * (w.dim() - 1)))
+    # transposed: (C_in, C_out / groups, *kernel); input channel i, column j feed output channel
+    # (i // (C_in / groups)) * (C_out / groups) + j
+    groups, (c_in, per) = int(fn._saved_groups), w.shape[:2]
+    s = s.view(groups, 1, per).expand(groups, c_in // groups, per).reshape(c_in, per)
+    return w * s.view(c_in, per, *([1] * (w.dim() - 2)))
 
 
 def _addmm_bias(beta_attr: str, a_slot: int):
@@ -168,17 +199,20 @@ def _conv_replay(c):
     return (z,)
 
 
-def _product(rule, first: str, second: str) -> OpEntry:
+def _product(rule, first: str, second: str, canonize: str | None = None) -> OpEntry:
     """``z = a @ b`` with both operands saved under ``first`` / ``second``."""
     return OpEntry(
         "contraction",
         rule,
         saved_inputs={0: first, 1: second},
         replay=lambda c: (c.inputs[0] @ c.inputs[1],),
+        kind="dense",
+        operands=(0, 1),
+        canonize=canonize,
     )
 
 
-def _added_product(first: str, second: str) -> OpEntry:
+def _added_product(first: str, second: str, canonize: str | None = None) -> OpEntry:
     """``z = beta * input + alpha * (a @ b)`` (``addmm``, ``baddbmm``)."""
     return OpEntry(
         "contraction",
@@ -188,20 +222,26 @@ def _added_product(first: str, second: str) -> OpEntry:
             c.saved("_saved_beta") * c.inputs[0]
             + c.saved("_saved_alpha") * (c.inputs[1] @ c.inputs[2]),
         ),
+        kind="dense",
+        operands=(1, 2),
+        canonize=canonize,
     )
 
 
 TABLE = {
-    "MmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
+    "MmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2", "contraction"),
     "BmmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
     "MvBackward0": _product(_mv_rule, "_saved_self", "_saved_vec"),
     "DotBackward0": _product(_dot_rule, "_saved_self", "_saved_tensor"),
-    "AddmmBackward0": _added_product("_saved_mat1", "_saved_mat2"),
+    "AddmmBackward0": _added_product("_saved_mat1", "_saved_mat2", "contraction"),
     "BaddbmmBackward0": _added_product("_saved_batch1", "_saved_batch2"),
     "ConvolutionBackward0": OpEntry(
         "contraction",
         _conv_rule,
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_conv_replay,
+        kind="conv",
+        operands=(0, 1),
+        canonize="contraction",
     ),
 }

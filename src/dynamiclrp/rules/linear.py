@@ -471,17 +471,23 @@ class ZBox(ContractionRule):
     ----------
     low, high:
         Lower and upper bound of the input: scalars or tensors broadcastable to ``x``.
+    bias:
+        ``False``: leave the layer's bias out of the denominator (it gets no share), the textbook
+        form without bias that Zennit computes: there the bias enters the three terms as ``b``,
+        ``b+`` and ``b-`` and cancels.
     """
 
-    def __init__(self, low: float | Tensor, high: float | Tensor) -> None:
+    def __init__(self, low: float | Tensor, high: float | Tensor, bias: bool = True) -> None:
         self.low = low
         self.high = high
+        self.bias = bool(bias)
 
     def groups(
         self, m: LinearMap, x: Tensor, w: Tensor, bias: Tensor | None, r: Tensor, eps: float
     ) -> list[RuleGroup]:
         lo, hi = _bound(self.low, x), _bound(self.high, x)
-        return [_group(m, ((x, w), (-lo, _pos(w)), (-hi, _neg(w))), bias, r)]
+        pairs = ((x, w), (-lo, _pos(w)), (-hi, _neg(w)))
+        return [_group(m, pairs, bias if self.bias else None, r)]
 
     def __repr__(self) -> str:
         def show(v: float | Tensor) -> str:
@@ -489,7 +495,8 @@ class ZBox(ContractionRule):
                 return f"tensor(shape={tuple(v.shape)})" if v.numel() > 1 else repr(v.item())
             return repr(v)
 
-        return f"ZBox(low={show(self.low)}, high={show(self.high)})"
+        extra = "" if self.bias else ", bias=False"
+        return f"ZBox(low={show(self.low)}, high={show(self.high)}{extra})"
 
 
 def parameter_relevance(

@@ -5,6 +5,9 @@ followed by a per-feature affine map, ``y = J x + b`` with ``J x = (x - mean(x))
 The epsilon rule on that map: ``R_x = x * J^T (R / stab(y))``; the bias absorbs ``b * R / stab(y)``.
 Because ``J`` is linear, ``sum(R_x) = sum((y - b) * R / stab(y))``: conservative up to the bias and
 the stabiliser.  BatchNorm in eval mode uses its running statistics and has no centring term.
+
+BatchNorm with ``Rules.batchnorm = "pass"``, or merged into the contraction before it
+(``Rules.canonize_batchnorm``, eval mode, see :mod:`.contraction`), passes relevance through.
 """
 
 from __future__ import annotations
@@ -73,8 +76,35 @@ def _group_norm(ctx: RuleContext):
     return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
 
 
+def _bn_eps(fn) -> float:
+    """Batch norm's ``eps``: ``_saved_eps`` (native), ``_saved_epsilon`` (cuDNN)."""
+    return fn._saved_eps if hasattr(fn, "_saved_eps") else fn._saved_epsilon
+
+
+def batchnorm_affine(ctx: RuleContext):
+    """``(scale, shift)`` with ``y = x * scale + shift`` of an eval-mode batch norm, viewed
+    ``(1, C, 1, ...)`` (``shift`` in the output's shape when a frozen bias had to be recovered);
+    ``None`` in training mode (batch statistics: nothing to merge)."""
+    fn = ctx.fn
+    if fn._saved_training:
+        return None
+    per_channel = [1, -1] + [1] * (len(fn._input_metadata[0].shape) - 2)
+    w = fn._saved_weight
+    scale = torch.rsqrt(fn._saved_running_var + _bn_eps(fn)).view(per_channel)
+    if w is not None:
+        scale = scale * w.view(per_channel)
+    shift = -fn._saved_running_mean.view(per_channel) * scale
+    if ctx.fn.next_functions[2][0] is not None:
+        return scale, shift + ctx.input_value(2).view(per_channel)
+    if w is None:
+        return scale, shift
+    return scale, shift + frozen_bias(ctx, ctx.input_value(0) * scale + shift)
+
+
 def _batch_norm(ctx: RuleContext):
     fn = ctx.fn
+    if ctx.rules.batchnorm == "pass" or (ctx.partner() is not None and not fn._saved_training):
+        return [ctx.r, None, None]  # Zennit's Pass, or merged into the layer before it
     x = ctx.input_value(0)
     c = x.shape[1]
     per_channel = [1, c] + [1] * (x.dim() - 2)
@@ -83,7 +113,7 @@ def _batch_norm(ctx: RuleContext):
         mean, invstd = fn._saved_result1, fn._saved_result2
     else:
         mean = fn._saved_running_mean
-        invstd = torch.rsqrt(fn._saved_running_var + fn._saved_eps)
+        invstd = torch.rsqrt(fn._saved_running_var + _bn_eps(fn))
     scale = invstd.view(per_channel)
     if w is not None:
         scale = scale * w.view(per_channel)
@@ -111,7 +141,7 @@ def _bn_replay(c):
         mean, invstd = fn._saved_result1, fn._saved_result2
     else:
         mean = fn._saved_running_mean
-        invstd = torch.rsqrt(fn._saved_running_var + fn._saved_eps)
+        invstd = torch.rsqrt(fn._saved_running_var + _bn_eps(fn))
     y = (x - mean.view(per_channel)) * invstd.view(per_channel)
     if w is not None:
         y = y * w.view(per_channel)
@@ -142,7 +172,23 @@ def _ln_replay(c):
     return (y if b is None else y + b,)
 
 
+def _weight_norm(ctx: RuleContext):
+    """``w = g * v / ||v||``: ``g / ||v||`` is a per-row statistic, so (as for mul by a broadcast
+    statistic) all relevance goes to the full-shape ``v``: ``R_v = R_w``, ``R_g = 0``."""
+    return [ctx.r, None]
+
+
+def _weight_norm_replay(c):
+    return (torch._weight_norm(c.inputs[0], c.inputs[1], c.saved("_saved_dim")),)
+
+
 TABLE = {
+    "WeightNormInterfaceBackward0": OpEntry(
+        "normalisation",
+        _weight_norm,
+        saved_inputs={0: "_saved_v", 1: "_saved_g"},
+        replay=_weight_norm_replay,
+    ),
     "NativeLayerNormBackward0": OpEntry(
         "normalisation",
         _layer_norm,
@@ -160,11 +206,13 @@ TABLE = {
         _batch_norm,
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_bn_replay,
+        canonize="batchnorm",
     ),
     "CudnnBatchNormBackward0": OpEntry(
         "normalisation",
         _batch_norm,
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_bn_replay,
+        canonize="batchnorm",
     ),
 }
