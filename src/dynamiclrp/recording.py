@@ -52,6 +52,7 @@ NEEDS_RECORDING = {
         or (fn.next_functions[1][0] is None and fn.next_functions[2][0] is None)
     ),
     "LerpBackward0": _has_unrecorded_input,
+    "IndexAddBackward0": lambda fn: fn.next_functions[0][0] is None,
     "AddmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "BaddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "ConvolutionBackward0": _conv_bias_unrecorded,
