@@ -22,7 +22,13 @@ from torch import Tensor
 
 from .errors import NonFiniteRelevanceError
 
-STABILISER_FAMILIES = {"contraction", "normalisation", "elementwise-binary", "reduction"}
+STABILISER_FAMILIES = {
+    "contraction",
+    "normalisation",
+    "elementwise-binary",
+    "reduction",
+    "recurrent",
+}
 
 
 @dataclass

@@ -164,6 +164,7 @@ TABLE = {
     ),
     "CopySlices": _routing(),
     "AsStridedBackward0": _routing(),
+    "AsStridedBackward1": _routing(),
     "UnfoldBackward0": _routing(
         lambda c: (
             c.inputs[0].unfold(
