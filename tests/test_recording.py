@@ -141,11 +141,13 @@ def test_record_model_unfreezes_during_the_forward_only():
 
 
 def test_ops_inside_cpp_composites_are_named_when_the_recording_cannot_help():
-    """SDPA on 3-D inputs with is_causal runs PyTorch's C++ math path, whose internal mask add
-    is invisible to a torch-function recording: the error says so instead of suggesting
-    record()."""
+    """SDPA's C++ math path (forced here; PyTorch takes it e.g. for some 3-D inputs) adds the
+    causal mask internally, invisible to a torch-function recording: the error says so instead
+    of suggesting record()."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     q = torch.randn(1, 4, 8, dtype=D, requires_grad=True)
-    with dynamiclrp.record() as rec:
+    with dynamiclrp.record() as rec, sdpa_kernel(SDPBackend.MATH):
         out = F.scaled_dot_product_attention(q, q * 1.5, q * 0.5, is_causal=True)
     with pytest.raises(ValueRecoveryError, match="C\\+\\+ composite"):
         dynamiclrp.explain(out, q, relevance=torch.ones_like(out), recording=rec)
