@@ -649,17 +649,24 @@ def test_add_python_scalar_before_relu_is_right_or_refused_loudly():
 
 
 def test_constant_tensor_added_at_output():
-    """The add's constant operand is recovered as ``out - a``; the output's value is known."""
+    """The add's constant operand is recovered as ``out - a``; the output's value is known.
+    Added straight to a matmul's output it is that layer's bias (``Rules.canonize_bias``): the
+    epsilon rule with ``z = h @ W2 + b``, exactly as ``F.linear(h, W2.T, b)`` is explained; with
+    the fusion off, the add's proportional split."""
     g = gen(18)
     x = leaf(g, 1, 4)
     W1, W2 = param(g, 4, 6), param(g, 6, 3)
     b = randn(g, 3)  # a buffer, no grad
     h = torch.relu(x @ W1)
     y = h @ W2 + b
-    rel, rep = explain(y, x)
     xd = x.detach()
     hv = torch.relu(xd @ W1.detach())
     a_v = hv @ W2.detach()
+    rel, rep = explain(y, x)
+    r_h = hv * ((y.detach() / (a_v + b)) @ W2.detach().T)  # seed y, z = a + b
+    close(rel, dense_eps(xd, W1, r_h))
+    assert rep.residual == pytest.approx(0.0, abs=1e-9)
+    rel, rep = explain(y, x, rules=dynamiclrp.Rules(eps=RULES.eps, canonize_bias=False))
     ra, rb = proportional(y.detach(), a_v, b.expand(1, 3))
     close(rel, dense_eps(xd, W1, dense_eps(hv, W2, ra)))
     assert rep.residual == pytest.approx(0.0, abs=1e-9)

@@ -383,3 +383,22 @@ def test_override_rule_also_gives_the_requested_weight() -> None:
     T = cp * (R / stab(cp.sum(2) + b.clamp(min=0), EPS))[:, :, None]
     close(rx, T.sum(1))
     close(rw, T.sum(0))
+
+
+@pytest.mark.parametrize("rules", ["dynamiclrp", "epsilon", "zplus", "gamma", "alpha2beta1"])
+def test_linear_is_explained_the_same_whatever_the_memory_layout(rules: str) -> None:
+    """nn.Linear on a non-contiguous 3-D input is recorded as mm + _unsafe_view + add(bias), on a
+    contiguous one as addmm: the plan fuses the bias add into the contraction, so both explain
+    alike (and batch == rows holds for models that transpose before a linear layer)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3).double()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    a = x.transpose(0, 1).requires_grad_()
+    b = x.transpose(0, 1).contiguous().requires_grad_()
+    out_a, out_b = lin(a), lin(b)
+    assert type(out_a.grad_fn).__name__ == "AddBackward0"  # the layout really differs
+    assert type(out_b.grad_fn).__name__ == "ViewBackward0"
+    ra, rep = dynamiclrp.explain(out_a.sum(1), a, target=0, rules=rules, return_report=True)
+    rb = dynamiclrp.explain(out_b.sum(1), b, target=0, rules=rules)
+    torch.testing.assert_close(ra, rb, rtol=1e-12, atol=1e-14)
+    assert abs(rep.residual) < 1e-12

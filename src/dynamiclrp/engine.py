@@ -44,6 +44,10 @@ class Plan:
     """The first contractions (``Rules.first``): nearest to a requested input."""
     merged: dict[int, int] = field(default_factory=dict)
     """Batch norm <-> contraction pairs, both ways (``Rules.canonize_batchnorm``)."""
+    fused_bias: dict[int, int] = field(default_factory=dict)
+    """Add-of-a-constant <-> contraction pairs, both ways (``Rules.canonize_bias``)."""
+    fused_bias_slot: dict[int, int] = field(default_factory=dict)
+    """For each fused add: the input slot holding the contraction's (reshaped) output."""
 
 
 class LRP:
@@ -190,8 +194,19 @@ def make_plan(
         )
     first = _first_contractions(graph, entries, data, topo, data_requested, first_kinds)
     merged = _batchnorm_pairs(graph, entries, data)
+    fused, fused_slot = _bias_add_pairs(graph, entries, data, reach)
     return Plan(
-        graph.signature, requested, order, entries, data, reach, PromisePlan(), first, merged
+        graph.signature,
+        requested,
+        order,
+        entries,
+        data,
+        reach,
+        PromisePlan(),
+        first,
+        merged,
+        fused,
+        fused_slot,
     )
 
 
@@ -242,6 +257,44 @@ def _batchnorm_pairs(graph: Graph, entries, data: list[bool]) -> dict[int, int]:
     return pairs
 
 
+def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
+    """Adds of a constant (a bias that is not requested, a buffer, a scalar) to the output of a
+    bias-free contraction that nothing else consumes, through reshapes only: ``x @ W`` then
+    ``+ b`` is recorded as ``mm``, ``_unsafe_view``, ``add`` for a non-contiguous 3-D input and as
+    ``addmm`` otherwise.  Fusing them makes the explanation independent of that layout."""
+    pairs: dict[int, int] = {}
+    slots: dict[int, int] = {}
+    for v, e in enumerate(entries):
+        if e is None or e.canonize != "add":
+            continue
+        kids = graph.children[v]
+        d = [s for s in (0, 1) if kids[s] is not None and data[kids[s][0]]]
+        if len(d) != 1 or (kids[1 - d[0]] is not None and reach[kids[1 - d[0]][0]]):
+            continue
+        edge = kids[d[0]]
+        out_shape = tuple(graph.fns[v]._input_metadata[0].shape)
+        if tuple(graph.fns[edge[0]]._input_metadata[edge[1]].shape) != out_shape:
+            continue  # the constant is not a bias: it broadcasts the product
+        while (
+            len(graph.consumers[edge]) == 1
+            and (entries[edge[0]] or OpEntry("", None)).canonize == "reshape"
+        ):
+            edge = graph.children[edge[0]][0]
+        c, ce = edge[0], entries[edge[0]]
+        if ce is None or ce.canonize != "contraction" or ce.operands != (0, 1):
+            continue
+        if len(graph.consumers[edge]) != 1 or _data_operand(graph, ce, data, c) != 0:
+            continue
+        own_bias = [k for s, k in enumerate(graph.children[c]) if s not in ce.operands]
+        if any(k is not None and reach[k[0]] for k in own_bias):
+            continue  # its own bias was requested: keep its relevance separate
+        if ce.kind == "conv" and graph.children[c][2] is not None:
+            continue  # a convolution with its own recorded bias
+        pairs[v], pairs[c] = c, v
+        slots[v] = d[0]
+    return pairs, slots
+
+
 def _is_source(graph: Graph, v: int) -> bool:
     name = graph.names[v]
     if name == LEAF:
@@ -287,6 +340,10 @@ class _Run:
 
     def is_first(self, idx: int) -> bool:
         return idx in self.plan.first
+
+    def bias_partner(self, idx: int) -> RuleContext | None:
+        j = self.plan.fused_bias.get(idx) if self.rules.canonize_bias else None
+        return None if j is None else self._context(j, [])
 
     def partner(self, idx: int) -> RuleContext | None:
         j = self.plan.merged.get(idx) if self.rules.canonize_batchnorm else None

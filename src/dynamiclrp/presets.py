@@ -81,6 +81,7 @@ class Rules:
     first_kinds: tuple[str, ...] = KINDS
     batchnorm: str = EPSILON
     canonize_batchnorm: bool = False
+    canonize_bias: bool = True
 
     def __post_init__(self):
         for what, allowed in (

@@ -166,6 +166,15 @@ class RuleContext:
         ``Rules.first`` when this node is a first contraction (nearest to the input)."""
         return self.rules.rule_for(family, tensors, first=self._engine.is_first(self.idx))
 
+    def bias_partner(self) -> RuleContext | None:
+        """With ``Rules.canonize_bias``: for a contraction, the context of the add of a constant
+        that is its bias (through reshapes only); for that add, the contraction's; else ``None``."""
+        return self._engine.bias_partner(self.idx)
+
+    def fused_data_slot(self) -> int:
+        """For an add fused into the contraction below it: the slot of the contraction's output."""
+        return self._engine.plan.fused_bias_slot[self.idx]
+
     def partner(self) -> RuleContext | None:
         """With ``Rules.canonize_batchnorm``: the context of the batch norm this contraction merges
         with, or of the contraction this batch norm merges into (paired by the plan); else

@@ -75,11 +75,15 @@ def contract(
     rule = ctx.layer_rule(kind, w)
     bn = ctx.partner()
     affine = None if bn is None else batchnorm_affine(bn)
+    fused = ctx.bias_partner()
     if affine is not None:  # one affine contraction with the batch norm it feeds
         scale, shift = affine
         w = _merged_weight(ctx.fn, kind, w, scale)
         bias = (shift if bias is None else bias * scale + shift).expand(ctx.r.shape)
         z = bn.known_output()
+    elif fused is not None:  # one affine contraction with the constant added to its output
+        z = fused.output_value(0).reshape(ctx.r.shape)
+        bias = z - mm.forward(x, w)  # this layer's own bias, if any, and the added constant
     else:
         z = ctx.known_output()
     if isinstance(rule, Epsilon) and z is not None:
@@ -87,8 +91,8 @@ def contract(
     else:
         res = rule(mm, x, w, bias, ctx.r, ctx.eps)
     outs[sx] = res.x
-    if affine is not None and res.bias is not None:
-        ctx.absorb(res.bias)  # the merged bias: this layer's and the batch norm's
+    if (affine is not None or fused is not None) and res.bias is not None:
+        ctx.absorb(res.bias)  # the merged bias: this layer's and the batch norm's / constant's
     elif bias_slot is not None and res.bias is not None and ctx.fn.next_functions[bias_slot][0]:
         if kind == "conv":  # the bias is per channel, dimension 1
             rb = res.bias.sum([d for d in range(res.bias.dim()) if d != 1])

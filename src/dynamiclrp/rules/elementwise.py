@@ -112,6 +112,12 @@ def _split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]
 
 def add_rule(sign: float):
     def rule(ctx: RuleContext):
+        fused = ctx.bias_partner()
+        if fused is not None:  # the bias of the contraction below: its rule splits R there
+            slot = ctx.fused_data_slot()
+            outs = [None, None]
+            outs[slot] = sum_to_shape(ctx.r, ctx.input_shape(slot))
+            return outs
         a, b = _terms(ctx, sign)
         ra, rb = _split_sum(ctx, [a, b], ctx.rules.add)
         outs = [None, None]
@@ -257,12 +263,14 @@ TABLE = {
         "elementwise-binary",
         add_rule(1.0),
         needs_values=True,
+        canonize="add",
         replay=_add_replay(1.0),
     ),
     "SubBackward0": OpEntry(
         "elementwise-binary",
         add_rule(-1.0),
         needs_values=True,
+        canonize="add",
         replay=_add_replay(-1.0),
     ),
     "MulBackward0": OpEntry(

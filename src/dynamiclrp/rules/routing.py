@@ -65,13 +65,14 @@ def _split(c: ReplayContext):
     return torch.split(x, list(sizes), dim)
 
 
-def _routing(replay=None, saved_inputs=None, saved_outputs=None) -> OpEntry:
+def _routing(replay=None, saved_inputs=None, saved_outputs=None, canonize=None) -> OpEntry:
     return OpEntry(
         "routing",
         route_like_gradient,
         replay=replay,
         saved_inputs=saved_inputs or {},
         saved_outputs=saved_outputs or {},
+        canonize=canonize,
     )
 
 
@@ -99,12 +100,13 @@ def _pool_replay(fn):
 
 TABLE = {
     # pure reshapes: replay = reshape to the recorded output shape
+    **{  # reshapes the plan may look through (bias-add fusion)
+        n: _routing(_reshape, canonize="reshape")
+        for n in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0")
+    },
     **{
         n: _routing(_reshape)
         for n in (
-            "ViewBackward0",
-            "ReshapeAliasBackward0",
-            "UnsafeViewBackward0",
             "AliasBackward0",
             "SqueezeBackward0",
             "SqueezeBackward1",
