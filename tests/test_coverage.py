@@ -86,3 +86,18 @@ def test_cli_on_a_zoo_entry(capsys):
     total = next(line for line in out.splitlines() if line.startswith("covered nodes"))
     covered, all_nodes = total.split()[2].rstrip(",").split("/")
     assert covered == all_nodes
+
+
+def test_coverage_table_lists_every_zoo_entry_and_gap(tmp_path):
+    pytest.importorskip("transformers")
+    from dynamiclrp import zoo
+
+    out = tmp_path / "coverage.md"
+    assert main(["coverage-table", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert sorted(names) == sorted(list(zoo.ZOO) + list(zoo.GAPS))
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        if cells[2].isdigit():  # built here: every node has a dedicated rule
+            assert cells[3] == cells[2], row

@@ -1,4 +1,5 @@
-"""Command line: ``dynamiclrp coverage MODULE:CALLABLE`` (or a zoo entry, ``zoo:NAME``).
+"""Command line: ``dynamiclrp coverage MODULE:CALLABLE`` (or a zoo entry, ``zoo:NAME``), and
+``dynamiclrp coverage-table [--out docs/coverage.md]`` for the whole zoo.
 
 The callable takes no arguments and returns ``(output, inputs)``: the output tensor of a forward
 pass (2-D ``(batch, classes)``, or anything with ``--target none``) and the tensor(s) to explain.
@@ -30,7 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     cov.add_argument("spec", help="MODULE:CALLABLE returning (output, inputs), or zoo:NAME")
     cov.add_argument("--target", default="argmax", help="'argmax' (per row), 'none', or an int")
     cov.add_argument("--rules", default="dynamiclrp", help="rule preset")
+    table = sub.add_parser("coverage-table", help="coverage of every zoo entry, as Markdown")
+    table.add_argument("--out", help="write the table to this file (default: print it)")
     args = parser.parse_args(argv)
+
+    if args.command == "coverage-table":
+        from .zoo import coverage_table
+
+        text = coverage_table()
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        else:
+            print(text)
+        return 0
 
     from . import coverage
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .zoo import ZooEntry, register
+from .zoo import GAPS, ZooEntry, register
 
 
 def _ids(model: nn.Module, batch: int, g: torch.Generator, length: int = 6) -> Tensor:
@@ -484,6 +484,11 @@ _causal_lm(
 #   backward graph): it adds or fills with a constant autograd did not record, and the recording
 #   did not see it either: the op ran inside a C++ composite (e.g. the math path of
 #   scaled_dot_product_attention, ...)
+GAPS["falcon_mqa"] = (
+    "Falcon-7B's multi-query attention makes SDPA take its C++ math path, which adds the mask "
+    "as an AddBackward0 constant neither autograd nor dynamiclrp.record() can see "
+    "(the grouped-query layout, entry falcon, works)"
+)
 # _causal_lm("falcon_mqa", "FalconConfig", "FalconForCausalLM", "multi-query attention",
 #            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 _causal_lm(
@@ -503,6 +508,10 @@ _causal_lm(
 # eval mode too), a node type without a rule:
 #   AssertionError: bloom: ops without a rule: [('GeLUFunctionBackward', 2)]
 # (with the GELU swapped for nn.GELU(approximate="tanh") the entry passes, ALiBi included).
+GAPS["bloom"] = (
+    "BloomGelu runs as a Python autograd.Function, node GeLUFunctionBackward, which has no rule "
+    "(custom Functions are opaque; ALiBi itself works with nn.GELU swapped in)"
+)
 # _causal_lm("bloom", "BloomConfig", "BloomForCausalLM", "ALiBi position bias",
 #            vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
 register(
@@ -624,30 +633,29 @@ register(
         "image-classification logits (class token and mean patch token, layer scale)",
     )
 )
-# Swin pools with nn.AdaptiveAvgPool1d(1) over a transposed (non-contiguous) tensor; on CPU that
-# records an in-place as_strided_ after the mean, a node type without a rule:
-#   AssertionError: swin_hf: ops without a rule: [('AsStridedBackward1', 1)]
-# register(
-#     ZooEntry(
-#         "swin_hf",
-#         "transformers",
-#         _hf(
-#             "SwinConfig",
-#             "SwinForImageClassification",
-#             image_size=16,
-#             patch_size=2,
-#             embed_dim=16,
-#             depths=[1, 1],
-#             num_heads=[2, 4],
-#             window_size=4,
-#             num_labels=5,
-#         ),
-#         _pixels(),
-#         "pixel_values",
-#         _logits,
-#         "image-classification logits (shifted windows, patch merging)",
-#     )
-# )
+# Swin pools with nn.AdaptiveAvgPool1d(1) over a transposed (non-contiguous) tensor, which on
+# CPU records an in-place as_strided_ (AsStridedBackward1, routed like the gradient).
+register(
+    ZooEntry(
+        "swin_hf",
+        "transformers",
+        _hf(
+            "SwinConfig",
+            "SwinForImageClassification",
+            image_size=16,
+            patch_size=2,
+            embed_dim=16,
+            depths=[1, 1],
+            num_heads=[2, 4],
+            window_size=4,
+            num_labels=5,
+        ),
+        _pixels(),
+        "pixel_values",
+        _logits,
+        "image-classification logits (shifted windows, patch merging)",
+    )
+)
 register(
     ZooEntry(
         "vit_hf",
