@@ -26,11 +26,15 @@ def _logits(out) -> Tensor:
     return out.logits
 
 
-def _hf(config_cls: str, model_cls: str, **config):
+def _hf(config_cls: str, model_cls: str, attn: str | None = None, **config):
+    """``model_cls(config_cls(**config))``; ``attn`` picks the attention implementation."""
+
     def make():
         import transformers
 
         cfg = getattr(transformers, config_cls)(**config)
+        if attn is not None:
+            cfg._attn_implementation = attn
         return getattr(transformers, model_cls)(cfg)
 
     return make
@@ -38,38 +42,34 @@ def _hf(config_cls: str, model_cls: str, **config):
 
 TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4)
 
-register(
-    ZooEntry(
-        "gpt2",
-        "transformers",
-        _hf(
-            "GPT2Config",
-            "GPT2LMHeadModel",
-            vocab_size=64,
-            n_layer=2,
-            n_embd=32,
-            n_head=4,
-            n_positions=32,
-            bos_token_id=0,
-            eos_token_id=0,
-        ),
-        _embeds,
-        "inputs_embeds",
-        _last_logits,
-        "next-token logits at the last position",
-    )
+_GPT2 = dict(
+    vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
 )
-register(
-    ZooEntry(
-        "llama",
-        "transformers",
-        _hf("LlamaConfig", "LlamaForCausalLM", vocab_size=64, num_key_value_heads=2, **TINY),
-        _embeds,
-        "inputs_embeds",
-        _last_logits,
-        "next-token logits at the last position (grouped-query attention)",
+_LLAMA = dict(vocab_size=64, num_key_value_heads=2, **TINY)
+for _attn in ("sdpa", "eager"):  # eager: the causal mask is an unrecorded add (record() keeps it)
+    _suffix = "" if _attn == "sdpa" else "_eager"
+    register(
+        ZooEntry(
+            "gpt2" + _suffix,
+            "transformers",
+            _hf("GPT2Config", "GPT2LMHeadModel", attn=_attn, **_GPT2),
+            _embeds,
+            "inputs_embeds",
+            _last_logits,
+            f"next-token logits at the last position ({_attn} attention)",
+        )
     )
-)
+    register(
+        ZooEntry(
+            "llama" + _suffix,
+            "transformers",
+            _hf("LlamaConfig", "LlamaForCausalLM", attn=_attn, **_LLAMA),
+            _embeds,
+            "inputs_embeds",
+            _last_logits,
+            f"next-token logits at the last position (grouped-query, {_attn} attention)",
+        )
+    )
 register(
     ZooEntry(
         "bert",
@@ -122,25 +122,6 @@ class _EmbedsAsInput(nn.Module):
 
 def _wrapped(make):
     return lambda: _EmbedsAsInput(make())
-
-
-def _without_weight_norm(make):
-    """Bake weight-norm parametrizations (``w = g * v / ||v||``) into plain weights.
-
-    The weight-norm node (``WeightNormInterfaceBackward0``) computes a parameter from parameters,
-    off the path from the output to the data: the explanation is the same with or without it, but
-    it has no rule, so the coverage check would count it (see the zoo test)."""
-
-    def build():
-        from torch.nn.utils import parametrize
-
-        model = make()
-        for module in model.modules():
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        return model
-
-    return build
 
 
 def _embeds_and_ids(eos: int):
@@ -233,18 +214,16 @@ register(
     ZooEntry(
         "wav2vec2",
         "transformers",
-        _without_weight_norm(
-            _hf(
-                "Wav2Vec2Config",
-                "Wav2Vec2ForCTC",
-                vocab_size=32,
-                conv_dim=(32, 32, 32),
-                conv_stride=(5, 4, 4),
-                conv_kernel=(10, 4, 4),
-                num_conv_pos_embeddings=8,
-                num_conv_pos_embedding_groups=4,
-                **TINY,
-            )
+        _hf(
+            "Wav2Vec2Config",
+            "Wav2Vec2ForCTC",
+            vocab_size=32,
+            conv_dim=(32, 32, 32),
+            conv_stride=(5, 4, 4),
+            conv_kernel=(10, 4, 4),
+            num_conv_pos_embeddings=8,
+            num_conv_pos_embedding_groups=4,
+            **TINY,
         ),
         _audio,
         "input_values",
