@@ -7,7 +7,8 @@ particular parameters, given as tensors or as parameter names of a model::
     rules = dynamiclrp.preset("dynamiclrp").override(ZBox(-3.0, 3.0), params=[model.conv1.weight])
     rules = dynamiclrp.preset("epsilon").override(Gamma(0.25), names=["features.0.weight"], model=m)
 
-The ``"zennit-*"`` presets reproduce Zennit's composites of the same names (``docs/presets.md``).
+The ``"zennit-*"`` presets reproduce Zennit's composites of the same names, ``"attnlrp"`` and
+``"cp-lrp"`` LxT 2.1's efficient AttnLRP and CP-LRP (``docs/presets.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .rules.linear import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
 
 PROPORTIONAL, SIGNED = "proportional", "signed"
 EPSILON, PASS = "epsilon", "pass"
+ATTNLRP, CP = "attnlrp", "cp"
+UNIFORM, CONSTANT = "uniform", "constant"
 KINDS = ("dense", "conv")
 
 
@@ -68,6 +71,15 @@ class Rules:
         the pair is one affine contraction ``w * s``, ``(b - mean) * s + beta``,
         ``s = gamma / sqrt(var + eps)``, explained by that layer's rule; the batch norm passes
         relevance through.
+    attention:
+        ``"attnlrp"``: relevance flows through the attention scores (softmax rule, uniform rule on
+        ``q k^T`` and ``P v``); ``"cp"`` (CP-LRP): the attention probabilities ``P`` (a softmax
+        output, or inside fused attention) are constants, ``P v`` is a linear map of ``v`` explained
+        by the epsilon rule, all of its relevance to ``v`` and none to ``q``, ``k`` or the mask.
+    gates:
+        ``"uniform"``: a product of two full-shape data tensors gives half to each;
+        ``"constant"`` (CP-LRP): where exactly one of them is the output of an element-wise
+        activation (``silu(gate) * up``), that gate is a constant and the other takes all.
     """
 
     name: str = "dynamiclrp"
@@ -82,12 +94,16 @@ class Rules:
     batchnorm: str = EPSILON
     canonize_batchnorm: bool = False
     canonize_bias: bool = True
+    attention: str = ATTNLRP
+    gates: str = UNIFORM
 
     def __post_init__(self):
         for what, allowed in (
             ("add", (PROPORTIONAL, SIGNED)),
             ("reduction", (PROPORTIONAL, SIGNED)),
             ("batchnorm", (EPSILON, PASS)),
+            ("attention", (ATTNLRP, CP)),
+            ("gates", (UNIFORM, CONSTANT)),
         ):
             if getattr(self, what) not in allowed:
                 raise ValueError(
@@ -162,6 +178,15 @@ def zennit_epsilon_gamma_box(low: float | Tensor = 0.0, high: float | Tensor = 1
     return _zennit("zennit-epsilon-gamma-box", Gamma(0.25), first=box, first_kinds=("conv",))
 
 
+def _lxt(name: str, **cp) -> Rules:
+    """LxT 2.1's efficient AttnLRP / CP-LRP (``lxt.efficient``: Gradient x Input with modified
+    gradients, ``docs/presets.md``): the epsilon rule without a stabiliser on linear layers (the
+    bias keeps its share), the signed rule on sums, the identity rule on activations and on the
+    normalisers' statistics, the uniform rule on products of two data tensors.  ``Rules.eps``
+    must be positive: ``1e-12`` stands in for LxT's none."""
+    return Rules(name=name, eps=1e-12, add=SIGNED, reduction=SIGNED, **cp)
+
+
 PRESETS = {
     "dynamiclrp": lambda: Rules(),
     "epsilon": lambda: Rules(name="epsilon", add=SIGNED, reduction=SIGNED),
@@ -176,6 +201,8 @@ PRESETS = {
         dense=AlphaBeta(2.0, 1.0),
         conv=AlphaBeta(2.0, 1.0),
     ),
+    "attnlrp": lambda: _lxt("attnlrp"),
+    "cp-lrp": lambda: _lxt("cp-lrp", attention=CP, gates=CONSTANT),
     "zennit-epsilon-plus": lambda: _zennit("zennit-epsilon-plus", ZPlus()),
     "zennit-epsilon-plus-flat": lambda: _zennit("zennit-epsilon-plus-flat", ZPlus(), first=Flat()),
     "zennit-epsilon-gamma-box": zennit_epsilon_gamma_box,
@@ -190,7 +217,7 @@ PRESETS = {
 
 def preset(rules: str | Rules) -> Rules:
     """Resolve a preset name (``"dynamiclrp"``, ``"epsilon"``, ``"gamma"``, ``"zplus"``,
-    ``"alpha2beta1"``, the ``"zennit-*"`` ones) or pass a :class:`Rules` through."""
+    ``"alpha2beta1"``, ``"attnlrp"``, ``"cp-lrp"``, the ``"zennit-*"`` ones) or pass a :class:`Rules` through."""
     if isinstance(rules, Rules):
         return rules
     if isinstance(rules, str) and rules in PRESETS:

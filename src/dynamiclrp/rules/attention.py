@@ -11,7 +11,9 @@ Scaled-dot-product attention (every fused node: CPU flash, CUDA flash, efficient
 decomposed into its three steps and the rules above:
 ``S = scale * q k^T + mask`` (bilinear uniform rule, the mask absorbs its share like a bias),
 ``P = softmax(S)`` (softmax rule), ``O = P v`` (bilinear uniform rule).  Grouped-query attention
-(fewer key/value heads) is expanded for the computation and summed back.
+(fewer key/value heads) is expanded for the computation and summed back.  With
+``Rules.attention = "cp"`` (CP-LRP) ``P`` is a constant: ``R_v = v * P^T (R / stab(P v))``, and
+``q``, ``k`` and the mask get nothing.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ def sdpa_relevance(
     is_causal: bool,
     scale: float | None,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    cp: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None]:
     """Relevance of ``q, k, v`` (and of an additive float mask, ``None`` otherwise) for
-    ``O = softmax(scale q k^T + mask) v`` (module docstring)."""
+    ``O = softmax(scale q k^T + mask) v`` (module docstring).  ``cp`` (CP-LRP): ``P`` is a
+    constant, ``R_v = v * P^T (R / stab(P v))`` and ``q``, ``k``, the mask get nothing."""
     hq, hk = q.shape[-3] if q.dim() > 2 else 1, k.shape[-3] if k.dim() > 2 else 1
     groups = hq // hk
     if groups > 1:
@@ -85,6 +89,11 @@ def sdpa_relevance(
     p = torch.softmax(s_full, dim=-1)
     # O = P v: uniform bilinear rule
     g = r / stabilize(p @ v, eps)
+    if cp:  # CP-LRP: P is a constant, O = P v a linear map of v (epsilon rule)
+        r_v = v * (p.transpose(-1, -2) @ g)
+        if groups > 1:
+            r_v = r_v.reshape(r_v.shape[:-3] + (hk, groups) + r_v.shape[-2:]).sum(-3)
+        return None, None, r_v, None
     r_p = 0.5 * p * (g @ v.transpose(-1, -2))
     r_v = 0.5 * v * (p.transpose(-1, -2) @ g)
     # P = softmax(S)
@@ -116,7 +125,8 @@ def _sdpa(ctx: RuleContext):
             f"{fn.name()} (node {ctx.idx}) ran with dropout_p={dropout}: attention dropout is "
             "random and cannot be replayed. Explain the model in eval mode (model.eval())."
         )
-    rq, rk, rv, r_mask = sdpa_relevance(q, k, v, ctx.r, mask, is_causal, scale, ctx.eps)
+    cp = ctx.rules.attention == "cp"
+    rq, rk, rv, r_mask = sdpa_relevance(q, k, v, ctx.r, mask, is_causal, scale, ctx.eps, cp)
     outs = [rq, rk, rv] + [None] * (ctx.n_inputs() - 3)
     if r_mask is not None:
         if ctx.n_inputs() > 3 and ctx.fn.next_functions[3][0] is not None:

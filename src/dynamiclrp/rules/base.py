@@ -166,6 +166,19 @@ class RuleContext:
         ``Rules.first`` when this node is a first contraction (nearest to the input)."""
         return self.rules.rule_for(family, tensors, first=self._engine.is_first(self.idx))
 
+    def producer(self, slot: int, through: frozenset[str] = frozenset()) -> str | None:
+        """Type name of the node that produced input ``slot``, looking through nodes whose names
+        are in ``through`` (along their first input); ``None`` for an unrecorded input."""
+        g = self._engine.graph
+        e = g.children[self.idx][slot]
+        while e is not None:
+            name = g.names[e[0]]
+            if name not in through:
+                return name
+            kids = g.children[e[0]]
+            e = kids[0] if kids else None
+        return None
+
     def bias_partner(self) -> RuleContext | None:
         """With ``Rules.canonize_bias``: for a contraction, the context of the add of a constant
         that is its bias (through reshapes only); for that add, the contraction's; else ``None``."""
@@ -180,6 +193,51 @@ class RuleContext:
         with, or of the contraction this batch norm merges into (paired by the plan); else
         ``None``.  The rules still check that the batch norm is in eval mode."""
         return self._engine.partner(self.idx)
+
+
+#: Nodes that reshape, reorder, copy or cast a tensor without changing its values: looked through
+#: when asking which op produced an operand (:meth:`RuleContext.producer`).
+PASS_THROUGH = frozenset(
+    {
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "AliasBackward0",
+        "ExpandBackward0",
+        "TransposeBackward0",
+        "TransposeBackward1",
+        "TBackward0",
+        "PermuteBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+        "CloneBackward0",
+        "ToCopyBackward0",
+    }
+)
+
+#: Softmax nodes: their output is the attention probabilities that ``Rules.attention = "cp"``
+#: holds constant.
+SOFTMAX = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0"})
+
+#: Element-wise nonlinearities whose output, multiplied by another data tensor, is a gate that
+#: ``Rules.gates = "constant"`` holds constant.
+ACTIVATIONS = frozenset(
+    {
+        "SiluBackward0",
+        "GeluBackward0",
+        "SigmoidBackward0",
+        "TanhBackward0",
+        "ReluBackward0",
+        "MishBackward0",
+        "EluBackward0",
+        "LeakyReluBackward0",
+        "SoftplusBackward0",
+        "HardswishBackward0",
+        "HardsigmoidBackward0",
+    }
+)
 
 
 def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:

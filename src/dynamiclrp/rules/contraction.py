@@ -6,7 +6,9 @@ padding, dilation, groups, transposed).
   The weight's own relevance (the same rule read from the weight's side; for epsilon
   ``R_w = w * J_w^T (R / stab(z))``) is computed only when the weight was requested.
 - Two data operands (``q @ k^T``, ``attention @ v``): the uniform bilinear rule, half to each
-  (for ``addmm``/``baddbmm`` of two data operands the added term is left out of ``z``).
+  (for ``addmm``/``baddbmm`` of two data operands the added term is left out of ``z``).  With
+  ``Rules.attention = "cp"`` (CP-LRP) an operand that is a softmax output is a constant: the
+  epsilon rule (no bias) gives all of ``R`` to the other operand.
 - ``mv`` and ``dot`` are contractions like ``mm``.
 - ``Rules.first``: the rule of the first contractions (nearest to the input, found by the plan).
 - ``Rules.canonize_batchnorm``: a convolution, ``mm`` or ``addmm`` whose output only feeds an
@@ -19,7 +21,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import OpEntry, RuleContext, frozen_bias, saved, sum_to_shape
+from .base import (
+    PASS_THROUGH,
+    SOFTMAX,
+    OpEntry,
+    RuleContext,
+    frozen_bias,
+    saved,
+    sum_to_shape,
+)
 from .linear import (
     Epsilon,
     LinearMap,
@@ -27,6 +37,7 @@ from .linear import (
     convolution_map,
     matmul_map,
     parameter_relevance,
+    safe_divide,
 )
 from .normalisation import batchnorm_affine
 
@@ -66,7 +77,15 @@ def contract(
     if bias_fn is not None:
         bias = bias_fn(ctx, a, b, m)
     if ctx.data[sa] and ctx.data[sb]:
-        outs[sa], outs[sb] = bilinear_uniform(m, a, b, ctx.r, ctx.eps)
+        held = _attention_probabilities(ctx, (sa, sb))
+        if held is None:
+            outs[sa], outs[sb] = bilinear_uniform(m, a, b, ctx.r, ctx.eps)
+        else:  # CP-LRP: P v with P constant, the epsilon rule on the linear map of v
+            g = safe_divide(ctx.r, m.forward(a, b), ctx.eps)
+            if held == sa:
+                outs[sb] = b * m.vjp_w(g, a, b)
+            else:
+                outs[sa] = a * m.vjp_x(g, a, b)
         return outs
     if ctx.data[sb] and not ctx.data[sa]:
         (sx, x), (sw, w), mm = (sb, b), (sa, a), _swap(m)
@@ -102,6 +121,15 @@ def contract(
     if ctx.wanted[sw]:
         ctx.parameter[sw] = parameter_relevance(rule, mm, x, w, bias, ctx.r, ctx.eps)
     return outs
+
+
+def _attention_probabilities(ctx: RuleContext, slots: tuple[int, int]) -> int | None:
+    """With ``Rules.attention = "cp"``: the slot of the operand that is a softmax output (through
+    reshapes and casts), held constant by CP-LRP; ``None`` otherwise."""
+    if ctx.rules.attention != "cp":
+        return None
+    held = [s for s in slots if ctx.producer(s, PASS_THROUGH) in SOFTMAX]
+    return held[0] if len(held) == 1 else None
 
 
 def _merged_weight(fn, kind: str, w: Tensor, scale: Tensor) -> Tensor:

@@ -14,6 +14,9 @@ Binary, with broadcasting (``sum_to_shape`` undoes it, as the gradient does):
   broadcast over dimensions the other spans (a per-row statistic such as ``rsqrt(var)``) counts as
   constant, so all relevance goes to the full-shape operand (AttnLRP's identity rule for normalisers
   written out of primitives); if both are broadcast, half each.  Times a constant: ``R_x = R``.
+  With ``Rules.gates = "constant"`` (CP-LRP) a full-shape operand produced by an element-wise
+  activation (``silu(gate) * up``, looking through reshapes and casts) is a constant gate when the
+  other is not: all relevance to the other.
 
 Fused, split like add (``Rules.add``) over their summands, then as above:
 
@@ -36,7 +39,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ValueRecoveryError
-from .base import OpEntry, ReplayContext, RuleContext, saved, sum_to_shape
+from .base import (
+    ACTIVATIONS,
+    PASS_THROUGH,
+    OpEntry,
+    ReplayContext,
+    RuleContext,
+    saved,
+    sum_to_shape,
+)
 from .linear import stabilize
 
 
@@ -141,6 +152,10 @@ def _product_shares(ctx: RuleContext, r: Tensor, slots, n_out: int) -> dict[int,
         full = [s for s in receivers if math.prod(ctx.input_shape(s)) == n_out]
         if len(full) == 1:  # the other is broadcast over dims this one spans: a statistic
             receivers = full
+        elif ctx.rules.gates == "constant":  # CP-LRP: an activation's output is a constant gate
+            gates = [s for s in receivers if ctx.producer(s, PASS_THROUGH) in ACTIVATIONS]
+            if len(gates) == 1:
+                receivers = [s for s in receivers if s != gates[0]]
     share = r if len(receivers) == 1 else r * 0.5
     return {s: sum_to_shape(share, ctx.input_shape(s)) for s in receivers}
 
