@@ -173,7 +173,7 @@ def run(method: str, only: str) -> None:
         logits[0, target].backward()
         rel = (x * x.grad).detach()
         path = os.path.join(OUT, f"{name}.pt")
-        data = torch.load(path) if os.path.exists(path) else {}
+        data = torch.load(path, weights_only=True) if os.path.exists(path) else {}
         data.update(
             config_class=cfg_cls,
             model_class=model_cls,

@@ -27,7 +27,7 @@ TOL = 1e-5
 
 
 def _load(name: str, attn: str):
-    data = torch.load(os.path.join(DATA, f"{name}.pt"))
+    data = torch.load(os.path.join(DATA, f"{name}.pt"), weights_only=True)
     cfg_cls = getattr(transformers, data["config_class"], None)
     model_cls = getattr(transformers, data["model_class"], None)
     if cfg_cls is None or model_cls is None:
@@ -73,7 +73,7 @@ def test_matches_lxt(name, method, attn):
 
 def test_cp_differs_from_attnlrp():
     """The two methods are not the same explanation (the oracle data tells them apart)."""
-    data = torch.load(os.path.join(DATA, "llama.pt"))
+    data = torch.load(os.path.join(DATA, "llama.pt"), weights_only=True)
     a, c = data["relevance_attnlrp"], data["relevance_cp-lrp"]
     assert ((a - c).abs().max() / a.abs().max()).item() > 1e-3
 
