@@ -32,3 +32,33 @@ def test_zoo_architecture(name):
         out_i, x_i, rec_i = zoo.forward(name, model=model, kwargs=_rows(kwargs, i))
         rel_i = dynamiclrp.explain(out_i, x_i, target=int(target[i]), recording=rec_i)
         torch.testing.assert_close(rel[i : i + 1], rel_i, rtol=1e-7, atol=1e-10)
+
+
+# Architectures the oracle libraries cannot explain (Zennit: no transformer, audio or state-space
+# support; LxT: only its patched model families), where the same presets must run unchanged.
+BEYOND_ORACLES = ["dinov2", "siglip2", "wav2vec2", "whisper", "mamba", "deberta_v2", "mixtral"]
+ORACLE_PRESETS = [
+    "zennit-epsilon-plus",
+    "zennit-epsilon-plus-flat",
+    "zennit-epsilon-gamma-box",
+    "zennit-epsilon-alpha2-beta1",
+    "zennit-epsilon-alpha2-beta1-flat",
+    "attnlrp",
+    "cp-lrp",
+]
+
+
+@pytest.mark.parametrize("name", BEYOND_ORACLES)
+def test_oracle_presets_run_unchanged_beyond_the_oracles(name):
+    entry = zoo.ZOO[name]
+    if not zoo.available(entry):
+        pytest.skip(f"{entry.requires} is not installed, so {name} cannot be built here")
+    model = zoo.build(name)
+    kwargs = zoo.example(name, model, batch=1)
+    for rules in ORACLE_PRESETS:
+        out, x, rec = zoo.forward(name, model=model, kwargs=kwargs)
+        rel, report = dynamiclrp.explain(
+            out, x, target=out.detach().argmax(1), recording=rec, rules=rules, return_report=True
+        )
+        assert torch.isfinite(rel).all(), (name, rules)
+        assert abs(report.residual) <= 1e-6 * max(1.0, abs(report.seeded)), (name, rules)
