@@ -238,3 +238,17 @@ def test_frozen_bias_without_saved_output_fails_loudly():
     x = torch.randn(2, 3, requires_grad=True)
     with pytest.raises(dynamiclrp.ValueRecoveryError, match=r"AddmmBackward0 .*bias does not"):
         dynamiclrp.explain(model(x), x, target=1)
+
+
+def test_requesting_an_intermediate_tensor_does_not_move_the_first_layer():
+    """Rules.first applies to the layers nearest to the earliest requested inputs: asking for an
+    intermediate tensor as well leaves the input's relevance unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w1 = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+    w2 = nn.Parameter(torch.randn(2, 5, dtype=torch.float64))
+    rules = dynamiclrp.Rules(first=dynamiclrp.ZPlus())
+    alone = dynamiclrp.explain(torch.nn.functional.linear(x @ w1.t(), w2), x, 0, rules=rules)
+    h = x @ w1.t()
+    both = dynamiclrp.explain(torch.nn.functional.linear(h, w2), [x, h], 0, rules=rules)
+    torch.testing.assert_close(both[0], alone)

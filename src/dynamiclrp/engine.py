@@ -192,7 +192,14 @@ def make_plan(
             f"{graph.describe(first)}. Nothing was propagated. Add an entry to the op table "
             "(dynamiclrp.rules) for each, or explain an intermediate tensor below them."
         )
-    first = _first_contractions(graph, entries, data, topo, data_requested, first_kinds)
+    # the first layers are nearest to the earliest requested inputs: a requested intermediate
+    # tensor with another requested input below it does not make the layer reading it "first"
+    earliest = {
+        v
+        for v in data_requested
+        if not any(e is not None and reach[e[0]] for e in graph.children[v])
+    }
+    first = _first_contractions(graph, entries, data, topo, earliest, first_kinds)
     merged = _batchnorm_pairs(graph, entries, data)
     fused, fused_slot = _bias_add_pairs(graph, entries, data, reach)
     return Plan(

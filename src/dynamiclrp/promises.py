@@ -176,8 +176,8 @@ class PromiseResolver:
                 f"Cannot recover the forward value of output {e[1]} of "
                 f"{self.graph.describe(e[0])}: no node saved it and the op has no replay rule, "
                 "but a rule upstream needs it (a promise passed through here). Add a replay "
-                "entry for this op to the op table (dynamiclrp.rules), or run the forward pass "
-                "under dynamiclrp.record()."
+                "entry for this op to the op table (dynamiclrp.rules), or request the tensor "
+                "itself in inputs (a requested tensor's value is known)."
             )
         self.plan.sources[e] = (REPLAY, e[0], "")
         return None

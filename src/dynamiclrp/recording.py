@@ -53,6 +53,12 @@ NEEDS_RECORDING = {
     ),
     "LerpBackward0": _has_unrecorded_input,
     "IndexAddBackward0": lambda fn: fn.next_functions[0][0] is None,
+    # a Python scalar recorded nowhere: c - x, x + c, x - c as unary nodes (no replay)
+    "RsubBackward1": lambda fn: True,
+    "AddBackward1": lambda fn: True,
+    "SubBackward1": lambda fn: True,
+    # an in-place write into a slice (y[:, 0] = v): no replay
+    "CopySlices": lambda fn: True,
     "AddmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "BaddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "ConvolutionBackward0": _conv_bias_unrecorded,
@@ -103,6 +109,8 @@ class Recording(TorchFunctionMode):
             for t in out:
                 if isinstance(t, Tensor):
                     self._keep(t)
+        if args and isinstance(args[0], Tensor) and args[0] is not out:
+            self._keep(args[0])  # in-place writes (y[:, 0] = v) change their first argument
         return out
 
     def _keep(self, t: Tensor) -> None:
