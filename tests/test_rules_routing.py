@@ -142,14 +142,12 @@ def test_route_equals_vector_jacobian_product(name: str) -> None:
 
 _NO_REPLAY = pytest.mark.xfail(
     strict=True,
-    reason="KNOWN GAP: as_strided / CopySlices have no replay: a rule needing their value raises "
-    "(dynamiclrp.record() does not cover them yet)",
+    reason="KNOWN GAP: as_strided has no replay and dynamiclrp.record() does not keep it: a rule "
+    "needing its value raises (CopySlices, also without replay, is kept by record())",
 )
 REPLAY_XFAIL = {
     "as_strided": _NO_REPLAY,
     "as_strided_overlap": _NO_REPLAY,
-    "copy_slices_zero": _NO_REPLAY,
-    "copy_slices_step": _NO_REPLAY,
 }
 
 

@@ -107,6 +107,7 @@ MODELS = {
     "vgg16": (lambda: _torchvision("vgg16", 3), 32, 1, None),
     "vgg16_bn": (lambda: _torchvision("vgg16_bn", 4), 32, 1, "sequential"),
     "resnet18": (lambda: _torchvision("resnet18", 5), 32, 2, "resnet"),
+    "resnet50": (lambda: _torchvision("resnet50", 6), 32, 1, "resnet"),
 }
 
 
