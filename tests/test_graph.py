@@ -11,15 +11,12 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from oracle import gen
 
 import dynamiclrp
 from dynamiclrp.graph import build_graph, gradient_edge
 
 DT = torch.float64
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(g, *shape):

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from oracle import gen
 
 import dynamiclrp
 from dynamiclrp import Rules
@@ -28,10 +29,6 @@ RULES = Rules(eps=EPS)
 
 
 # --- the textbook ----------------------------------------------------------------------------
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(g: torch.Generator, *shape: int) -> torch.Tensor:

@@ -19,31 +19,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import close, gen, randn, stab
 
 import dynamiclrp
 
 DT = torch.float64
 EPS = 0.01
 RULES = dynamiclrp.Rules(eps=EPS)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(g: torch.Generator, *shape: int, grad: bool = False) -> torch.Tensor:
-    return torch.randn(tuple(shape), generator=g, dtype=DT).requires_grad_(grad)
-
-
-def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
-    sign = torch.ones_like(z)
-    sign[z < 0] = -1.0
-    return z + eps * sign
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-8, atol: float = 1e-10):
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
 def softmax_expected(x: torch.Tensor, R: torch.Tensor, dim: int) -> torch.Tensor:

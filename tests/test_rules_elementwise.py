@@ -19,28 +19,15 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import gen, randn, stab
 
 import dynamiclrp
 
 DT = torch.float64
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(g: torch.Generator, *shape: int, grad: bool = False) -> torch.Tensor:
-    return torch.randn(tuple(shape), generator=g, dtype=DT).requires_grad_(grad)
-
-
 def param(g: torch.Generator, *shape: int) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=DT))
-
-
-def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
-    sign = torch.ones_like(z)
-    sign[z < 0] = -1.0
-    return z + eps * sign
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9, atol: float = 1e-10):

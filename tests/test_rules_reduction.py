@@ -19,26 +19,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import gen, randn, stab
 
 import dynamiclrp
 
 DT = torch.float64
 SIGNED = dynamiclrp.Rules(reduction="signed", eps=0.05)  # a large eps: a wrong z shows
 PROP = dynamiclrp.Rules()
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(g: torch.Generator, *shape: int, grad: bool = False) -> torch.Tensor:
-    return torch.randn(tuple(shape), generator=g, dtype=DT).requires_grad_(grad)
-
-
-def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
-    sign = torch.ones_like(z)
-    sign[z < 0] = -1.0
-    return z + eps * sign
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9, atol: float = 1e-10):

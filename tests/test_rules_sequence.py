@@ -20,22 +20,13 @@ import itertools
 
 import pytest
 import torch
+from oracle import gen, stab
 
 import dynamiclrp
 from dynamiclrp.errors import ValueRecoveryError
 
 DT = torch.float64
 F32 = torch.float32
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
-    sign = torch.ones_like(z)
-    sign[z < 0] = -1.0
-    return z + eps * sign
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9, atol: float = 1e-10):

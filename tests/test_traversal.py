@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from oracle import gen
 
 import dynamiclrp
 from dynamiclrp import Rules, ZPlus
@@ -20,10 +21,6 @@ from dynamiclrp import Rules, ZPlus
 DT = torch.float64
 EPS = 1e-12
 LRP0 = Rules(eps=EPS, add="signed", reduction="signed")
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(g: torch.Generator, *shape: int) -> torch.Tensor:
