@@ -221,8 +221,10 @@ def test_bf16_model_runs_without_a_dtype_argument():
 def test_epsilon_default_is_one_in_a_million():
     assert dynamiclrp.Rules().eps == 1e-6
     for name in dynamiclrp.PRESETS:
-        # LxT's Gradient x Input has no stabiliser: its presets use 1e-12 (docs/presets.md)
-        assert dynamiclrp.preset(name).eps == (1e-12 if name in ("attnlrp", "cp-lrp") else 1e-6)
+        # LxT's Gradient x Input has no stabiliser: its presets use 1e-12 (docs/presets.md);
+        # Captum's LRP uses 1e-9
+        expected = {"attnlrp": 1e-12, "cp-lrp": 1e-12, "captum": 1e-9}.get(name, 1e-6)
+        assert dynamiclrp.preset(name).eps == expected
     z = torch.zeros(2, dtype=D)
     torch.testing.assert_close(linear.stabilize(z, 1e-6), torch.full((2,), 1e-6, dtype=D))
 

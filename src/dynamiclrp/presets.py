@@ -203,6 +203,8 @@ PRESETS = {
     ),
     "attnlrp": lambda: _lxt("attnlrp"),
     "cp-lrp": lambda: _lxt("cp-lrp", attention=CP, gates=CONSTANT),
+    # Captum's LRP defaults: EpsilonRule(1e-9) on layers and sums (tests/test_captum.py)
+    "captum": lambda: Rules(name="captum", eps=1e-9, add=SIGNED, reduction=SIGNED),
     "zennit-epsilon-plus": lambda: _zennit("zennit-epsilon-plus", ZPlus()),
     "zennit-epsilon-plus-flat": lambda: _zennit("zennit-epsilon-plus-flat", ZPlus(), first=Flat()),
     "zennit-epsilon-gamma-box": zennit_epsilon_gamma_box,
