@@ -21,21 +21,23 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .rules import OP_TABLE
+from .rules.contraction import conv_has_bias
+
 
 def _has_unrecorded_input(fn) -> bool:
     return any(f is None for f, _ in fn.next_functions)
 
 
 def _conv_bias_unrecorded(fn) -> bool:
-    sizes = getattr(fn, "_saved_bias_sym_sizes_opt", None)
-    return fn.next_functions[2][0] is None and bool(sizes) and tuple(sizes) != (0,)
+    return fn.next_functions[2][0] is None and conv_has_bias(fn)
 
 
 def _norm_bias_unrecorded(fn) -> bool:
     return fn.next_functions[2][0] is None and getattr(fn, "_saved_weight", None) is not None
 
 
-RESHAPES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
+RESHAPES = {name for name, e in OP_TABLE.items() if e.canonize == "reshape"}
 
 NEEDS_RECORDING = {
     "AddBackward0": _has_unrecorded_input,

@@ -157,7 +157,7 @@ def _addmm_bias(beta_attr: str, a_slot: int):
     return bias
 
 
-def _conv_has_bias(fn) -> bool:
+def conv_has_bias(fn) -> bool:
     """Autograd records the bias's sizes, ``(0,)`` when there is no bias."""
     sizes = getattr(fn, "_saved_bias_sym_sizes_opt", None)
     return bool(sizes) and tuple(sizes) != (0,)
@@ -165,7 +165,7 @@ def _conv_has_bias(fn) -> bool:
 
 def _conv_bias(ctx: RuleContext, a, b, m):
     if ctx.fn.next_functions[2][0] is None:
-        if not _conv_has_bias(ctx.fn):
+        if not conv_has_bias(ctx.fn):
             return None
         return frozen_bias(ctx, m.forward(a, b))
     v = ctx.input_value(2)
