@@ -294,3 +294,26 @@ def test_sdpa_relevance_sums() -> None:
     rel, rep = dynamiclrp.explain(out, [q, k, v], relevance=R, rules=RULES, return_report=True)
     assert abs(rep.residual) < 1e-9
     assert rep.inputs == pytest.approx([float(r.sum()) for r in rel])
+
+
+def test_sdpa_fully_masked_query_rows_get_nothing() -> None:
+    """A padded query position whose keys are all masked attends to nothing (torch's SDPA
+    returns 0 there): its relevance is 0 and the other rows are explained as if it were absent,
+    instead of a NaN from the softmax of an all ``-inf`` row."""
+    g = gen(11)
+    q, k, v = qkv(g, lq=4, lk=5)
+    mask = torch.rand(4, 5, generator=g) > 0.4
+    mask[:, 0] = True
+    mask[1] = False  # query row 1 sees no key
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out[..., 1, :].abs().max() == 0
+    R = randn(g, *out.shape)
+    rq, rk, rv = dynamiclrp.explain(out, [q, k, v], relevance=R, rules=RULES)
+    rows = [0, 2, 3]
+    _, eq, ek, ev = attention_expected(
+        q[..., rows, :].detach(), k.detach(), v.detach(), R[..., rows, :], mask=mask[rows]
+    )
+    assert rq[..., 1, :].abs().max() == 0
+    close(rq[..., rows, :], eq)
+    close(rk, ek)
+    close(rv, ev)

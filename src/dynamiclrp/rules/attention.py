@@ -87,6 +87,9 @@ def sdpa_relevance(
         else:
             s_full = s_full + mask
     p = torch.softmax(s_full, dim=-1)
+    # A query row whose keys are all masked (a padded position) attends to nothing: torch's
+    # SDPA returns 0 there, the plain softmax NaN.
+    p = p.masked_fill(torch.isneginf(s_full).all(-1, keepdim=True), 0.0)
     # O = P v: uniform bilinear rule
     g = r / stabilize(p @ v, eps)
     if cp:  # CP-LRP: P is a constant, O = P v a linear map of v (epsilon rule)
