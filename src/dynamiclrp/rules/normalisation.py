@@ -38,7 +38,7 @@ def _layer_norm(ctx: RuleContext):
     if b is not None:
         y = y + b
     g = ctx.r / stabilize(y, ctx.eps) * scale
-    rx = x * (g - g.mean(dims, keepdim=True))
+    rx = (x * (g - g.mean(dims, keepdim=True))).to(x.dtype)  # CUDA keeps bf16 stats in fp32
     return [rx, None, _bias_out(ctx, 2, None if b is None else b * ctx.r / stabilize(y, ctx.eps))]
 
 
@@ -71,7 +71,7 @@ def _group_norm(ctx: RuleContext):
         y = y + b
     gy = ctx.r / stabilize(y, ctx.eps)
     g = (gy * wv).reshape(n, groups, -1) * rstd
-    rx = (xg * (g - g.mean(-1, keepdim=True))).reshape(shape)
+    rx = (xg * (g - g.mean(-1, keepdim=True))).reshape(shape).to(x.dtype)
     rb = None if b is None else b * gy
     return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
 
@@ -128,6 +128,7 @@ def _batch_norm(ctx: RuleContext):
         rx = x * (g - g.mean(dims, keepdim=True))
     else:
         rx = x * g  # running mean is a constant shift: it absorbs its share, like a bias
+    rx = rx.to(x.dtype)  # cuDNN keeps the statistics of bf16 / fp16 inputs in fp32
     rb = None if b is None else b * gy
     return [rx, None, _bias_out(ctx, 2, rb, per_channel=True)]
 
@@ -145,7 +146,7 @@ def _bn_replay(c):
     y = (x - mean.view(per_channel)) * invstd.view(per_channel)
     if w is not None:
         y = y * w.view(per_channel)
-    return (y if b is None else y + b.view(per_channel),)
+    return ((y if b is None else y + b.view(per_channel)).to(x.dtype),)
 
 
 def _gn_replay(c):
@@ -159,7 +160,7 @@ def _gn_replay(c):
     per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
     if w is not None:
         y = y * w.view(per_channel)
-    return (y if b is None else y + b.view(per_channel),)
+    return ((y if b is None else y + b.view(per_channel)).to(x.dtype),)
 
 
 def _ln_replay(c):
@@ -169,7 +170,7 @@ def _ln_replay(c):
     y = (c.inputs[0] - fn._saved_result1) * fn._saved_result2
     if w is not None:
         y = y * w
-    return (y if b is None else y + b,)
+    return ((y if b is None else y + b).to(c.inputs[0].dtype),)
 
 
 def _weight_norm(ctx: RuleContext):
