@@ -189,6 +189,7 @@ def _task(
     n_eval: int,
     patch: int,
     evidence: Tensor | None,
+    replacement: str | None = None,
 ) -> Task:
     if not 1 <= n_eval <= len(y_test):
         raise ValueError(f"{name}: n_eval={n_eval} must be in [1, {len(y_test)}] (the test set)")
@@ -205,6 +206,7 @@ def _task(
         forward=lambda x, idx: model(x),
         evidence=None if evidence is None else evidence[:n_eval].clone(),
         patch=patch,
+        replacement=replacement,
         info={
             "accuracy": accuracy(model, x_test, y_test),
             "test_size": len(y_test),
@@ -244,7 +246,11 @@ def build_digits_vgg(quick: bool = False, n_eval: int = 256) -> Task:
         )
 
     model = cached("digits-vgg", config, build, train)
-    return _task("digits-vgg", model, config, x_te, y_te, n_eval, patch=1, evidence=None)
+    # The paper's blur, scaled to 32 px (sigma ~3 px), leaves an upsampled 8x8 digit readable, so
+    # the curves hardly move (ABPC ~0.05 for every method): replace by the image's mean instead.
+    return _task(
+        "digits-vgg", model, config, x_te, y_te, n_eval, patch=1, evidence=None, replacement="mean"
+    )
 
 
 TEST_CHUNK = 500

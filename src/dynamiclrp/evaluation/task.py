@@ -59,6 +59,9 @@ class Task:
         Token id that replaces a perturbed token (mask, unk or pad id).
     patch:
         Image perturbation unit in pixels (1 = pixels, 16 = ViT patches).
+    replacement:
+        What replaces a perturbed image feature for this task (``"blur"``, ``"mean"``,
+        ``"zero"``); ``None`` leaves the choice to the caller (the paper's blur).
     spans:
         Optional ``(N, 2)`` gold answer spans (inclusive token indices) for extractive QA.
     predicted_spans:
@@ -87,6 +90,7 @@ class Task:
     rankable: Tensor | None = None
     replacement_id: int | None = None
     patch: int = 1
+    replacement: str | None = None
     spans: Tensor | None = None
     predicted_spans: Tensor | None = None
     question: Tensor | None = None
