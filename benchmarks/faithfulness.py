@@ -47,7 +47,7 @@ from _measure import peak_memory  # noqa: E402
 
 from dynamiclrp import PRESETS  # noqa: E402
 from dynamiclrp.evaluation import localisation, perturbation, qa, sanity  # noqa: E402
-from dynamiclrp.evaluation.methods import make_method  # noqa: E402
+from dynamiclrp.evaluation.methods import LXT_FAMILIES, make_method  # noqa: E402
 from dynamiclrp.evaluation.task import Problem, Task, feature_relevance  # noqa: E402
 
 OUR_PRESETS = [f"dynamiclrp:{name}" for name in PRESETS]
@@ -63,7 +63,7 @@ GRADIENT_BASELINES = [
 # Zennit's canonizers know torchvision's residual blocks, not ours: only the plain CNN.
 ZENNIT_TASKS = {"digits-vgg", "vgg16-imagenette"}
 ZENNIT = ["zennit:epsilon_plus", "zennit:epsilon_gamma_box", "zennit:epsilon_alpha2_beta1"]
-LXT = ["lxt:attnlrp", "lxt:cp-lrp"]
+LXT_OUTPUTS = ("logits", "last", "span")  # what the LxT worker can rebuild
 QUICK_PRESETS = ["dynamiclrp:dynamiclrp", "dynamiclrp:epsilon", "dynamiclrp:gamma"]
 QUICK_BASELINES = ["saliency", "inputxgradient", "integrated_gradients", "random"]
 
@@ -83,8 +83,9 @@ def methods_for(task: Task, args) -> list[str]:
     names = (QUICK_PRESETS + QUICK_BASELINES) if args.quick else (OUR_PRESETS + GRADIENT_BASELINES)
     if task.name in ZENNIT_TASKS and not args.quick:
         names += ZENNIT
-    if task.hf is not None and args.lxt_python and task.info.get("lxt", True):
-        names += LXT
+    if task.hf is not None and args.lxt_python and task.hf.get("output") in LXT_OUTPUTS:
+        family = getattr(task.hf["model"].config, "model_type", None)
+        names += [f"lxt:{variant}" for variant in LXT_FAMILIES.get(family, ())]
     return names
 
 
@@ -145,8 +146,6 @@ def evaluate(task: Task, name: str, args) -> Row:
     m = row.metrics
     m["examples/s"] = per_second
     m["peak MiB"] = peak / 2**20
-    if task.question is not None:  # question tokens never count as evidence of an answer
-        rel = rel.masked_fill(task.question, float("-inf"))
     if task.kind == "image":
         res = perturbation.image_perturbation(
             score_fn(task),
@@ -176,11 +175,15 @@ def evaluate(task: Task, name: str, args) -> Row:
         for key in ("abpc", "comprehensiveness", "sufficiency", "auc_morf", "auc_lerf"):
             m[key] = float(s[key])
         row.curves = (res.fractions, res.morf.mean(0), res.lerf.mean(0))
-    finite_rel = torch.nan_to_num(rel, neginf=0.0)
     if task.evidence is not None:
-        m["mass acc"] = nanmean(localisation.relevance_mass_accuracy(finite_rel, task.evidence))
-        m["rank acc"] = nanmean(localisation.relevance_rank_accuracy(finite_rel, task.evidence))
-        m["pointing"] = nanmean(localisation.pointing_game(rel, task.evidence))
+        # question tokens never count for an answer; padding and special tokens never count
+        ranked = task.rankable
+        if task.question is not None:
+            ranked = ~task.question if ranked is None else ranked & ~task.question
+        kw = {} if ranked is None else {"rankable": ranked}
+        m["mass acc"] = nanmean(localisation.relevance_mass_accuracy(rel, task.evidence, **kw))
+        m["rank acc"] = nanmean(localisation.relevance_rank_accuracy(rel, task.evidence, **kw))
+        m["pointing"] = nanmean(localisation.pointing_game(rel, task.evidence, **kw))
     if task.spans is not None:
         exclude = task.question if task.rankable is None else (~task.rankable | task.question)
         for label, spans in (("TPS", task.predicted_spans), ("TGS", task.spans)):
