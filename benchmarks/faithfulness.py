@@ -157,6 +157,7 @@ def evaluate(task: Task, name: str, args) -> Row:
             blur_kernel=blur_kernel(task),
             blur_sigma=blur_sigma(task),
             batch_size=args.eval_batch_size,
+            progress=args.progress,
         )
     elif task.spans is None:
         res = perturbation.token_perturbation(
@@ -167,6 +168,7 @@ def evaluate(task: Task, name: str, args) -> Row:
             rankable=task.rankable,
             steps=args.steps,
             batch_size=args.eval_batch_size,
+            progress=args.progress,
         )
     else:
         res = None
@@ -429,6 +431,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--progress", action="store_true", help="progress bars (tqdm)")
     p.add_argument("--lxt-python", default=os.environ.get("DYNAMICLRP_LXT_PYTHON"))
     p.add_argument("--out", default=None)
     p.add_argument("--no-sanity", dest="sanity", action="store_false", help="skip the sanity check")
