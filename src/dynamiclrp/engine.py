@@ -448,9 +448,18 @@ class _Run:
         for s in ctx.absorbed:
             ledger.absorbed.append(s)
             out_total.append(s)
-        r_out = sum(out_total) if out_total else rel[0].new_zeros(())
-        r_in = sum(r.sum() for r in rel if r.is_floating_point())
+        r_out = _total(out_total) if out_total else rel[0].new_zeros(())
+        r_in = [r.sum() for r in rel if r.is_floating_point()]
+        r_in = _total(r_in) if r_in else r_out.new_zeros(())
         ledger.record(v, entry.family, r_in, r_out, books)
+
+
+def _total(sums: list[Tensor]) -> Tensor:
+    """``sums[0] + sums[1] + ...`` without Python's ``0 +`` (one kernel fewer per node)."""
+    total = sums[0]
+    for s in sums[1:]:
+        total = total + s
+    return total
 
 
 def _accumulate(store: dict, e: Edge, r: Tensor) -> None:

@@ -107,26 +107,27 @@ class Ledger:
     def __init__(self):
         self.nodes: list[int] = []
         self.families: list[str] = []
-        self.diff: list[Tensor] = []
-        self.check: list[Tensor] = []
+        self.r_in: list[Tensor] = []
+        self.r_out: list[Tensor] = []
         self.absorbed: list[Tensor] = []
         self.unrequested: list[Tensor] = []
 
     def record(self, node: int, family: str, r_in: Tensor, r_out: Tensor, books: bool) -> None:
         """Check node ``node`` in and out; ``books=False`` for parameter relevance (checked for
-        NaN, outside the books)."""
+        NaN, outside the books).  Only the 0-d sums are kept; the arithmetic on them waits for
+        :meth:`close`, so a node costs no extra kernels here."""
         self.nodes.append(node)
         self.families.append(family if books else "")
-        r_out = r_out.to(torch.float64)
-        self.diff.append((r_in.to(torch.float64) - r_out) if books else torch.zeros_like(r_out))
-        self.check.append(r_out)
+        self.r_in.append(r_in)
+        self.r_out.append(r_out)
 
     def close(
         self, describe, seeded: Tensor, inputs: list[Tensor], in_books: list[bool], parameters
     ) -> RelevanceReport:
         """Read all sums (one sync), raise on non-finite relevance, return the report."""
-        diffs = torch.stack(self.diff).double().cpu() if self.diff else torch.zeros(0)
-        checks = torch.stack(self.check).double().cpu() if self.check else torch.zeros(0)
+        checks, r_in = _stack64(self.r_out), _stack64(self.r_in)
+        books = torch.tensor([bool(f) for f in self.families], dtype=torch.bool)
+        diffs = torch.where(books, r_in - checks, 0.0) if len(books) else torch.zeros(0)
         bad = (~torch.isfinite(checks)).nonzero()
         if len(bad):
             i = int(bad[0])
@@ -158,3 +159,12 @@ class Ledger:
                 "Relevance absorbed by constants, or the seed, is NaN or Inf: check the output."
             )
         return report
+
+
+def _stack64(sums: list[Tensor]) -> Tensor:
+    """0-d sums as one float64 CPU vector (one device-to-host copy when they share a dtype)."""
+    if not sums:
+        return torch.zeros(0, dtype=torch.float64)
+    if len({t.dtype for t in sums}) == 1 and len({t.device for t in sums}) == 1:
+        return torch.stack(sums).double().cpu()
+    return torch.stack([t.detach().to("cpu", torch.float64) for t in sums])
