@@ -137,7 +137,7 @@ def test_vgg16_imagenette_preprocessing_labels_targets(tmp_path, monkeypatch):
     torch.manual_seed(0)
     net = TinyCNN()
     torch.save(net.state_dict(), tmp_path / "vgg.pth")
-    monkeypatch.setattr(real, "torchvision_model", lambda arch, **kw: TinyCNN())
+    monkeypatch.setattr(real.real_common, "torchvision_model", lambda arch, **kw: TinyCNN())
     spec = f"vgg16-imagenette:model={tmp_path / 'vgg.pth'},data={tmp_path / 'val'},resize=32"
     task = real.parse_spec(spec + ",crop=32", n_eval=5)
     assert task.kind == "image" and task.patch == 1 and len(task) == 5
@@ -165,7 +165,7 @@ def test_vgg16_imagenette_preprocessing_labels_targets(tmp_path, monkeypatch):
 
 
 def test_vgg16_imagenette_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(real, "torchvision_model", lambda arch, **kw: TinyCNN())
+    monkeypatch.setattr(real.real_common, "torchvision_model", lambda arch, **kw: TinyCNN())
     with pytest.raises(FileNotFoundError, match="nowhere"):
         real.build_vgg16_imagenette(model="m.pth", data=str(tmp_path / "nowhere"))
     (tmp_path / "val" / "cats").mkdir(parents=True)
@@ -284,7 +284,7 @@ def test_vit_cifar10_torchvision_state_dict(tmp_path, monkeypatch):
     _cifar(tmp_path / "cifar")
     torch.manual_seed(0)
     torch.save(tiny("vit_b_16", num_classes=10).state_dict(), tmp_path / "vit.pth")
-    monkeypatch.setattr(real, "torchvision_model", tiny)
+    monkeypatch.setattr(real.real_common, "torchvision_model", tiny)
     task = real.parse_spec(f"vit-cifar10:model={tmp_path / 'vit.pth'},data={tmp_path / 'cifar'}"
                            ",size=48", n_eval=4)  # fmt: skip
     assert task.patch == 16 and len(task) == 4
