@@ -49,8 +49,11 @@ class ContractionRelevance(NamedTuple):
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
-    """``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``: never zero, never flips a sign."""
-    return z + torch.where(z >= 0, z.new_tensor(eps), z.new_tensor(-eps))
+    """``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``: never zero, never flips a sign.
+
+    Python scalars keep ``z``'s dtype and need no host-to-device copy (``z.new_tensor(eps)`` was
+    a synchronising copy per call on CUDA)."""
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 def safe_divide(r: Tensor, z: Tensor, eps: float) -> Tensor:
