@@ -122,8 +122,9 @@ def attribute(task: Task, method, batch_size: int) -> tuple[torch.Tensor, float,
     ]
     if hasattr(method, "prepare"):  # LxT: one worker process for the whole task
         t0 = time.perf_counter()
-        _, peak = peak_memory(lambda: method.prepare(problems))
+        method.prepare(problems)
         seconds += time.perf_counter() - t0
+        peak = math.nan  # spent in the worker process: not measured here
     for problem in problems:
         t0 = time.perf_counter()
         rel, bytes_ = peak_memory(lambda p=problem: method(p))
@@ -369,6 +370,9 @@ def write_report(results, tasks, args, seconds: float) -> None:
         f"{torch.get_num_threads()} thread(s), in {seconds / 60:.1f} minutes.",
         "",
         "Higher is better except sufficiency and peak memory; the best value per column is bold. "
+        "`examples/s` and `peak MiB` are the attribution's alone (perturbation excluded); LxT "
+        "runs in a worker process per task, so its rate includes that process's start and its "
+        "memory is not measured. "
         "Definitions: `docs/evaluation.md`. Perturbation: "
         f"{args.steps} steps on a normalised x-axis, images replaced as each task says (the "
         "paper's Gaussian blur, scaled to the image size, unless stated), "
