@@ -361,3 +361,40 @@ def test_nearest_upsampling_routes_and_replays(mode, shape) -> None:
     share = R * u.abs() / (u.abs() + bias.detach().abs())
     (ex,) = vjp(lambda t: F.interpolate(t, scale_factor=scale, mode=mode), [x], share)
     close(rx, ex)
+
+
+def test_ratio_by_hand() -> None:
+    """``ratio(r, den)``: ``r / den``, 0 where ``den == 0``; an infinite ``den`` gives 0."""
+    from dynamiclrp.rules.base import ratio
+
+    r = torch.tensor([1.0, 2.0, 3.0, -4.0])
+    den = torch.tensor([0.0, 2.0, float("inf"), 8.0])
+    assert ratio(r, den).tolist() == [0.0, 1.0, 0.0, -0.5]
+
+
+REARRANGING = {
+    "view": lambda x: x.view(6, 4),
+    "permute": lambda x: x.permute(2, 0, 1),
+    "transpose": lambda x: x.transpose(0, 2),
+    "clone": lambda x: x.clone(),
+    "flip": lambda x: x.flip(1),
+    "unsqueeze_squeeze": lambda x: x.unsqueeze(0).squeeze(0),
+}
+
+
+@pytest.mark.parametrize("name", list(REARRANGING))
+def test_rearranging_ops_keep_the_books_and_name_the_first_bad_op(name: str) -> None:
+    """Rearrangements pass on the sum they received (``OpEntry.rearranges``): the books still
+    close exactly, and a NaN made before them is still reported at the op that made it."""
+    g = gen(31)
+    x = randn(g, 2, 3, 4, grad=True)
+    y = REARRANGING[name](x * 2.0)
+    rel, rep = dynamiclrp.explain(y, x, return_report=True)
+    assert float(rel.sum()) == pytest.approx(float(y.sum()), rel=1e-12)
+    assert abs(rep.residual) < 1e-9
+    # float32, z = x @ 0 = 0: the epsilon rule's R / stab(0) = 1e37 / 1e-6 overflows, and
+    # inf * 0 is NaN, inside the contraction's rule, below the rearrangement
+    x32 = x.detach().float().requires_grad_(True)
+    z = REARRANGING[name](x32 @ torch.zeros(4, 4))
+    with pytest.raises(dynamiclrp.NonFiniteRelevanceError, match="at (Mm|Bmm)Backward0"):
+        dynamiclrp.explain(z, x32, relevance=torch.full_like(z, 1e37))

@@ -376,7 +376,11 @@ class _Run:
 
     def execute(self, root: Edge, seed: Tensor, requested, is_param) -> list[Tensor]:
         g, plan = self.graph, self.plan
+        seeded = seed.sum()
         store: dict[Edge, Tensor] = {root: seed}
+        # the 0-d sums of what each consumer sent to an edge in ``store`` (one per send): a node's
+        # incoming total costs 0-d adds instead of a reduction of each input
+        sums: dict[Edge, list[Tensor]] = {root: [seeded]}
         captured: dict[Edge, Tensor] = {}
         wanted_edges = set(requested)
         for v in plan.order:
@@ -384,6 +388,7 @@ class _Run:
             rel = [store.pop((v, k), None) for k in range(len(meta))]
             if all(r is None for r in rel):
                 continue
+            sent = [sums.pop((v, k), ()) for k in range(len(meta))]
             for k, r in enumerate(rel):
                 if (v, k) in wanted_edges and r is not None:
                     captured[(v, k)] = r
@@ -391,7 +396,7 @@ class _Run:
                 r if r is not None else torch.zeros(tuple(m.shape), dtype=m.dtype, device=m.device)
                 for r, m in zip(rel, meta, strict=True)
             ]
-            self._propagate(v, rel, store)
+            self._propagate(v, rel, store, sums, sent)
         results, param_sums = [], {}
         for i, e in enumerate(requested):
             r = captured.get(e, store.get(e))
@@ -406,16 +411,22 @@ class _Run:
             not p and e[0] not in processed for e, p in zip(requested, is_param, strict=True)
         ]
         input_sums = [r.sum() for r in results]
-        self.report = self.ledger.close(g.describe, seed.sum(), input_sums, in_books, param_sums)
+        self.report = self.ledger.close(g.describe, seeded, input_sums, in_books, param_sums)
         self.report.promises = dict(Counter(s[0] for s in plan.promises.sources.values()))
         self.report.promise_stats = self.resolver.stats
         return results
 
-    def _propagate(self, v: int, rel: list[Tensor], store: dict) -> None:
+    def _propagate(self, v: int, rel: list[Tensor], store: dict, sums: dict, sent: list) -> None:
         """Run node ``v``'s rule, pass relevance to its inputs and keep the books.
 
         Nodes fed by data keep the books; nodes below a parameter (``w.t()`` on the way to a
         requested weight) carry relevance already booked where it left the data flow.
+
+        ``sent[k]``: the 0-d sums of the relevance each consumer sent to output ``k`` (from
+        ``sums``).  Each relevance passed on is summed once, for this node's ``R_out`` and, in
+        ``sums``, for its producer's ``R_in``; a relevance passed on unchanged (the identity rule
+        returns its input) reuses the sum its single sender made, a tensor passed to two slots is
+        summed once, and a rearrangement (``OpEntry.rearranges``) passes on the sum it received.
         """
         g, plan, ledger = self.graph, self.plan, self.ledger
         kids = g.children[v]
@@ -423,6 +434,13 @@ class _Run:
         entry = plan.entries[v]
         outs = entry.rule(ctx)
         books = plan.data[v]
+        r_in = None  # what arrived, for the books: the sums the consumers sent
+        if books:
+            r_in = [s for per_slot in sent for s in per_slot]
+            r_in = _total(r_in) if r_in else None
+        # sums at hand, by tensor: an input that one consumer sent, an output already summed (a
+        # share sent to two slots); each entry holds its tensor, so no id is reused meanwhile
+        summed = {id(r): (r, s[0]) for r, s in zip(rel, sent, strict=True) if len(s) == 1}
         out_total = []
         for slot, r in enumerate(outs):
             if r is None:
@@ -432,7 +450,13 @@ class _Run:
                 m = g.fns[e[0]]._input_metadata[e[1]]
                 if r.shape != m.shape:  # a node's own backward may leave broadcasting to autograd
                     r = sum_to_shape(r, m.shape)
-            s = r.sum()
+            s = summed.get(id(r))
+            if s is None:
+                # a rearrangement (reshape, permute, clone) passes on exactly what it received
+                s = r_in if entry.rearranges and r_in is not None else r.sum()
+                summed[id(r)] = (r, s)
+            else:
+                s = s[1]
             out_total.append(s)
             if e is None or not plan.data[e[0]]:
                 if books:
@@ -443,14 +467,19 @@ class _Run:
                 ledger.unrequested.append(s)
             else:
                 _accumulate(store, e, r)
+                if r.is_floating_point():
+                    sums.setdefault(e, []).append(s)
         for slot, r in ctx.parameter.items():
-            _accumulate(store, kids[slot], r)
+            e = kids[slot]
+            _accumulate(store, e, r)
+            if plan.data[e[0]]:  # only a node that keeps the books reads its incoming sum
+                sums.setdefault(e, []).append(r.sum())
         for s in ctx.absorbed:
             ledger.absorbed.append(s)
             out_total.append(s)
         r_out = _total(out_total) if out_total else rel[0].new_zeros(())
-        r_in = [r.sum() for r in rel if r.is_floating_point()]
-        r_in = _total(r_in) if r_in else r_out.new_zeros(())
+        if r_in is None:  # R_in is read for the books only; R_out still serves the NaN check
+            r_in = r_out if not books else r_out.new_zeros(())
         ledger.record(v, entry.family, r_in, r_out, books)
 
 

@@ -142,8 +142,9 @@ class Ledger:
         report.inputs = [float(t) for t in inputs]
         report.in_books = list(in_books)
         report.parameters = {i: float(t) for i, t in parameters.items()}
-        report.absorbed = float(sum((t.double() for t in self.absorbed), torch.zeros(())))
-        report.unrequested = float(sum((t.double() for t in self.unrequested), torch.zeros(())))
+        # one stack, conversion and sum each (a conversion and an add per term before)
+        report.absorbed = float(_stack64(self.absorbed).sum())
+        report.unrequested = float(_stack64(self.unrequested).sum())
         for fam, d in zip(self.families, diffs.tolist(), strict=True):
             if not fam:
                 continue

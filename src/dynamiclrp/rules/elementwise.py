@@ -45,6 +45,7 @@ from .base import (
     OpEntry,
     ReplayContext,
     RuleContext,
+    ratio,
     saved,
     sum_to_shape,
 )
@@ -81,10 +82,11 @@ def _terms(ctx: RuleContext, sign: float):
     for slot in (0, 1):
         if ctx.fn.next_functions[slot][0] is None:
             other = ctx.input_value(1 - slot)
-            other = other if slot == 1 else alpha * other
+            other = other if slot == 1 or alpha == 1 else alpha * other
             out = _output_or_explain(ctx, slot)
             return (other, out - other) if slot == 1 else (out - other, other)
-    return ctx.input_value(0), alpha * ctx.input_value(1)
+    a, b = ctx.input_value(0), ctx.input_value(1)
+    return a, b if alpha == 1 else alpha * b  # 1 * b is b: one op fewer
 
 
 def _output_or_explain(ctx: RuleContext, slot: int, advice: str | None = None) -> Tensor:
@@ -111,9 +113,9 @@ def _split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]
         den = mags[0]
         for m in mags[1:]:
             den = den + m
-        g = torch.where(den > 0, r / torch.where(den > 0, den, 1), 0)
-        inf = torch.isinf(den)  # an infinite term (a -inf mask) takes nothing; NaN stays NaN
-        return [torch.where(inf, 0, m * g) for m in mags]
+        g = ratio(r, den)
+        inf = den == math.inf  # an infinite term (a -inf mask) takes nothing; NaN stays NaN
+        return [(m * g).masked_fill_(inf, 0) for m in mags]
     z = terms[0]
     for t in terms[1:]:
         z = z + t

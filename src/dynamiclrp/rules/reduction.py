@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import OpEntry, RuleContext, saved
+from .base import OpEntry, RuleContext, ratio, saved
 from .linear import stabilize
 
 
@@ -40,7 +40,7 @@ def linear_reduction(forward):
         if ctx.rules.reduction == "proportional":
             ax = x.abs()
             den = forward(ctx.fn, ax)
-            g = torch.where(den > 0, r / torch.where(den > 0, den, 1), 0)
+            g = ratio(r, den)
             return (ax * _transpose(ctx, g),)
         return _signed_linear(ctx, forward, x)
 
@@ -170,7 +170,7 @@ def _split_by_weight(w: Tensor, r: Tensor, dims: list[int]) -> Tensor:
     without the reduced dimensions (same element order either way)."""
     den = _per_group(w, dims)
     r = r.reshape(den.shape)
-    return w * torch.where(den > 0, r / torch.where(den > 0, den, 1), 0)
+    return w * ratio(r, den)
 
 
 def _norm_weights(x: Tensor, p: float, dims: list[int]) -> Tensor:
@@ -184,7 +184,7 @@ def _norm_weights(x: Tensor, p: float, dims: list[int]) -> Tensor:
         return (ax == best).to(x.dtype)
     if p > 0:
         m = ax.amax(dims, keepdim=True)
-        return torch.where(m > 0, ax / torch.where(m > 0, m, 1), 0) ** p
+        return ratio(ax, m) ** p
     m = ax.amin(dims, keepdim=True)  # p < 0: the smallest magnitudes dominate, a zero takes all
     return torch.where(m > 0, (ax / torch.where(m > 0, m, 1)) ** p, (ax == 0).to(x.dtype))
 

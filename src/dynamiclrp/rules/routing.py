@@ -65,7 +65,9 @@ def _split(c: ReplayContext):
     return torch.split(x, list(sizes), dim)
 
 
-def _routing(replay=None, saved_inputs=None, saved_outputs=None, canonize=None) -> OpEntry:
+def _routing(
+    replay=None, saved_inputs=None, saved_outputs=None, canonize=None, rearranges=False
+) -> OpEntry:
     return OpEntry(
         "routing",
         route_like_gradient,
@@ -73,6 +75,7 @@ def _routing(replay=None, saved_inputs=None, saved_outputs=None, canonize=None) 
         saved_inputs=saved_inputs or {},
         saved_outputs=saved_outputs or {},
         canonize=canonize,
+        rearranges=rearranges,
     )
 
 
@@ -101,11 +104,11 @@ def _pool_replay(fn):
 TABLE = {
     # pure reshapes: replay = reshape to the recorded output shape
     **{  # reshapes the plan may look through (bias-add fusion)
-        n: _routing(_reshape, canonize="reshape")
+        n: _routing(_reshape, canonize="reshape", rearranges=True)
         for n in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0")
     },
     **{
-        n: _routing(_reshape)
+        n: _routing(_reshape, rearranges=True)
         for n in (
             "AliasBackward0",
             "SqueezeBackward0",
@@ -116,13 +119,17 @@ TABLE = {
     },
     "ExpandBackward0": _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)),
     "TransposeBackward0": _routing(
-        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),)
+        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),),
+        rearranges=True,
     ),
     "TransposeBackward1": _routing(
-        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),)
+        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),),
+        rearranges=True,
     ),
-    "TBackward0": _routing(lambda c: (c.inputs[0].t(),)),
-    "PermuteBackward0": _routing(lambda c: (c.inputs[0].permute(c.saved("_saved_dims")),)),
+    "TBackward0": _routing(lambda c: (c.inputs[0].t(),), rearranges=True),
+    "PermuteBackward0": _routing(
+        lambda c: (c.inputs[0].permute(c.saved("_saved_dims")),), rearranges=True
+    ),
     "RepeatBackward0": _routing(lambda c: (c.inputs[0].repeat(c.saved("_saved_repeats")),)),
     "SelectBackward0": _routing(
         lambda c: (c.inputs[0].select(c.saved("_saved_dim"), c.saved("_saved_index")),)
@@ -142,12 +149,14 @@ TABLE = {
     "SplitWithSizesBackward0": _routing(_split),
     "UnsafeSplitBackward0": _routing(_split),
     "UnbindBackward0": _routing(lambda c: torch.unbind(c.inputs[0], c.saved("_saved_dim"))),
-    "CloneBackward0": _routing(lambda c: (c.inputs[0],)),
+    "CloneBackward0": _routing(lambda c: (c.inputs[0],), rearranges=True),
     "ToCopyBackward0": _routing(lambda c: (c.inputs[0].to(c.out_dtype()),)),
     "ConstantPadNdBackward0": _routing(
         lambda c: (torch.nn.functional.pad(c.inputs[0], c.saved("_saved_pad")),)
     ),
-    "FlipBackward0": _routing(lambda c: (c.inputs[0].flip(c.saved("_saved_dims")),)),
+    "FlipBackward0": _routing(
+        lambda c: (c.inputs[0].flip(c.saved("_saved_dims")),), rearranges=True
+    ),
     "RollBackward0": _routing(
         lambda c: (c.inputs[0].roll(c.saved("_saved_shifts"), c.saved("_saved_dims")),)
     ),

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ValueRecoveryError
-from .base import OpEntry, ReplayContext, RuleContext
+from .base import OpEntry, ReplayContext, RuleContext, ratio
 from .contraction import contract
 from .linear import LinearMap, matmul_map, stabilize
 
@@ -186,8 +186,7 @@ def index_add_rule(ctx: RuleContext):
     if ctx.rules.add == "proportional":
         a, t = a.abs(), t.abs()
         den = a.index_add(dim, index, t)
-        ok = (den > 0) & torch.isfinite(den)
-        g = torch.where(ok, ctx.r / torch.where(ok, den, 1), 0)
+        g = ratio(ctx.r, den)  # 0 where den is 0; r / inf is 0 where it is infinite
     else:
         g = ctx.r / stabilize(a.index_add(dim, index, t), ctx.eps)
     gs = g.index_select(dim, index).reshape(t.shape)
