@@ -177,6 +177,7 @@ def evaluate(task: Task, name: str, args) -> Row:
         s = res.summary()
         for key in ("abpc", "comprehensiveness", "sufficiency", "auc_morf", "auc_lerf"):
             m[key] = float(s[key])
+        m["abpc_se"] = float(s["abpc_se"])
         row.curves = (res.fractions, res.morf.mean(0), res.lerf.mean(0))
     if task.evidence is not None:
         # question tokens never count for an answer; padding and special tokens never count
@@ -303,7 +304,10 @@ def task_table(task: Task, rows: list[Row]) -> list[str]:
         cells = []
         for c in cols:
             text = fmt(r.metrics.get(c))
-            cells.append(f"**{text}**" if best.get(c) == r.method else text)
+            text = f"**{text}**" if best.get(c) == r.method else text
+            if c == "abpc" and "abpc_se" in r.metrics:  # the standard error of the mean
+                text += f" ± {fmt(r.metrics['abpc_se'])}"
+            cells.append(text)
         lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -369,7 +373,8 @@ def write_report(results, tasks, args, seconds: float) -> None:
         f"on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} thread(s), in {seconds / 60:.1f} minutes.",
         "",
-        "Higher is better except sufficiency and peak memory; the best value per column is bold. "
+        "Higher is better except sufficiency and peak memory; the best value per column is bold; "
+        "ABPC is given with the standard error of its mean over the samples. "
         "`examples/s` and `peak MiB` are the attribution's alone (perturbation excluded); LxT "
         "runs in a worker process per task, so its rate includes that process's start and its "
         "memory is not measured. "
