@@ -400,8 +400,11 @@ def lxt_subprocess(args, name: str, batch: int, seq: int, dtype_name: str) -> di
         threads=args.threads,
     )
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lxt_speed_worker.py")
+    env = dict(os.environ)  # freed memory goes back to the system, as in memory_subprocess:
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # else the worker's RSS hardly moves after warm-up
+    env["MALLOC_TRIM_THRESHOLD_"] = "0"  # and its peaks read as ~0 (ratios of 100x and more)
     proc = subprocess.run(
-        [args.lxt_python, worker, json.dumps(spec)], capture_output=True, text=True
+        [args.lxt_python, worker, json.dumps(spec)], capture_output=True, text=True, env=env
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LXT_RESULT ")]
     if proc.returncode != 0 or not lines:
