@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import types
 
 import torch
 
@@ -33,27 +32,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _measure import peak_memory, timed  # noqa: E402
 
+# the LxT worker of dynamiclrp.evaluation imports nothing from the project: load it as a module
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "src", "dynamiclrp", "evaluation"
+    ),
+)
+from lxt_worker import _stub_torchvision  # noqa: E402
+
 WARMUP = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _stub_torchvision() -> None:
-    """``lxt.efficient.models`` imports torchvision's ViT module for its ViT map (unused here);
-    where torchvision does not load, a stub holding ``nn`` stands in."""
-    try:
-        import torchvision  # noqa: F401
-
-        return
-    except Exception:
-        pass
-    for mod in ("torchvision", "torchvision.models", "torchvision.models.vision_transformer"):
-        m = types.ModuleType(mod)
-        m.__spec__ = importlib.machinery.ModuleSpec(mod, None)
-        sys.modules[mod] = m
-    sys.modules["torchvision.models.vision_transformer"].nn = torch.nn
-    sys.modules["torchvision.models"].vision_transformer = sys.modules[
-        "torchvision.models.vision_transformer"
-    ]
 
 
 def main(spec_json: str) -> int:
