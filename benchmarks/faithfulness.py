@@ -209,7 +209,8 @@ def blur_sigma(task: Task) -> float:
 
 def blur_kernel(task: Task) -> int:
     """The paper's kernel (51 px on 224 px images) scaled to the task's image size, odd."""
-    return max(3, 2 * round(51 * task.inputs.shape[-1] / 224 / 2) + 1)
+    k = round(51 * task.inputs.shape[-1] / 224)
+    return max(3, k if k % 2 else k + 1)
 
 
 SANITY_METHODS = ["dynamiclrp:dynamiclrp", "dynamiclrp:gamma", "saliency", "inputxgradient"]
