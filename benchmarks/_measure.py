@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 import resource
 import threading
 import time
@@ -135,3 +136,15 @@ def peak_memory(
     hwm_after = max_rss_bytes()
     peak = max(sampled, hwm_after) if hwm_after > hwm_before else sampled
     return result, max(0, peak - base)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

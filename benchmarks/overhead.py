@@ -32,6 +32,9 @@ import torch
 
 import dynamiclrp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import cpu_model  # noqa: E402
+
 TARGET_FIRST = 3.0
 TARGET_CACHED = 2.0
 WARMUP = 2
@@ -54,17 +57,6 @@ def build_model(name: str) -> torch.nn.Module:
     else:
         raise SystemExit(f"unknown model {name!r} (choose from vgg16, vit_b_16, resnet50)")
     return model.eval()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_pressure() -> str | None:

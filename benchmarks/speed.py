@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _measure import peak_memory, timed  # noqa: E402
+from _measure import cpu_model, peak_memory, timed  # noqa: E402
 
 import dynamiclrp  # noqa: E402
 
@@ -442,17 +442,6 @@ def memory_child(spec_json: str) -> int:
 
 
 # --- machine, table, files ---------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def machine(device: str) -> str:

@@ -122,26 +122,13 @@ def _logits(model, x):
 
 
 def _stub_torchvision() -> None:
-    """``lxt.efficient.models`` imports ``torchvision.models.vision_transformer`` for its ViT
-    map, unused here; the torchvision wheel that pip pairs with torch 2.13 fails to load, so
-    without a working torchvision a stub with ``nn`` stands in (``pip uninstall torchvision``)."""
-    import importlib.machinery
-    import types
+    """The LxT worker's stub: ``lxt.efficient.models`` imports torchvision's ViT module, and the
+    torchvision wheel that pip pairs with torch 2.13 fails to load (the worker imports nothing from
+    the project, so it loads as a plain module)."""
+    sys.path.insert(0, os.path.join(HERE, "..", "src", "dynamiclrp", "evaluation"))
+    from lxt_worker import _stub_torchvision as stub
 
-    try:
-        import torchvision  # noqa: F401
-
-        return
-    except Exception:
-        pass
-    for mod in ("torchvision", "torchvision.models", "torchvision.models.vision_transformer"):
-        m = types.ModuleType(mod)
-        m.__spec__ = importlib.machinery.ModuleSpec(mod, None)
-        sys.modules[mod] = m
-    sys.modules["torchvision.models.vision_transformer"].nn = torch.nn
-    sys.modules["torchvision.models"].vision_transformer = sys.modules[
-        "torchvision.models.vision_transformer"
-    ]
+    stub()
 
 
 def run(method: str, only: str) -> None:
