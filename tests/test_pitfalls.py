@@ -5,6 +5,15 @@ paths into one leaf and tied weights (test_traversal.py), a stale cached plan (t
 holding the graph alive and leaving state (test_api.py), the contraction-rule bugs (stride-2
 convolutions, the z-plus denominator, gamma beyond 2-D: test_linear_rules.py), masks in softmax and
 the SDPA variants (test_rules_attention.py).
+
+Evaluation items: the per-sample probability of the explained class, not dataset accuracy
+(test_faithfulness_runner.py::test_lrp_on_a_linear_model_finds_the_evidence_and_scores_its_curves);
+pad tokens never ranked or perturbed
+(test_evaluation_perturbation.py::test_unrankable_tokens_are_never_perturbed_and_do_not_count);
+no hard-coded patch sizes or step counts (they are arguments: the task's ``patch``, ``--steps``;
+test_evaluation_perturbation.py::test_patch_pooling_max_and_sum_rank_cells_differently,
+::test_steps_grid_rounds_counts_half_up); stated hyperparameters are what ran (the report names
+each method's preset, and the presets are compared with their oracles in docs/agreement.md).
 """
 
 import pytest
