@@ -87,6 +87,20 @@ def _hf_config(cls: type, **kw: Any) -> Any:
     return config
 
 
+def _tiny_config(cls: type, vocab_size: int, **kw: Any) -> Any:
+    """``_hf_config`` of a BERT / RoBERTa / Llama config at the :data:`TINY` size."""
+    t = TINY
+    return _hf_config(
+        cls,
+        vocab_size=vocab_size,
+        hidden_size=t["hidden"],
+        intermediate_size=t["ffn"],
+        num_hidden_layers=t["layers"],
+        num_attention_heads=t["heads"],
+        **kw,
+    )
+
+
 def _embed_forward(
     model: nn.Module, reduce: Callable[[Any], Tensor]
 ) -> Callable[[nn.Module, tuple[Tensor, ...]], Tensor]:
@@ -284,13 +298,9 @@ def build_sentiment_llama(quick: bool, n_eval: int) -> Task:
     vocab = st.SENTIMENT_VOCAB
 
     def build() -> nn.Module:
-        cfg = _hf_config(
+        cfg = _tiny_config(
             LlamaConfig,
-            vocab_size=len(vocab),
-            hidden_size=t["hidden"],
-            intermediate_size=t["ffn"],
-            num_hidden_layers=t["layers"],
-            num_attention_heads=t["heads"],
+            len(vocab),
             num_key_value_heads=t["heads"],
             max_position_embeddings=64,
             pad_token_id=vocab.pad_id,
@@ -318,13 +328,9 @@ def build_sentiment_bert(quick: bool, n_eval: int) -> Task:
     vocab = st.SENTIMENT_VOCAB
 
     def build() -> nn.Module:
-        cfg = _hf_config(
+        cfg = _tiny_config(
             BertConfig,
-            vocab_size=len(vocab),
-            hidden_size=t["hidden"],
-            intermediate_size=t["ffn"],
-            num_hidden_layers=t["layers"],
-            num_attention_heads=t["heads"],
+            len(vocab),
             max_position_embeddings=64,
             pad_token_id=vocab.pad_id,
             hidden_dropout_prob=0.0,
@@ -387,13 +393,9 @@ def build_recall_llama(quick: bool, n_eval: int) -> Task:
     vocab = st.RECALL_VOCAB
 
     def build() -> nn.Module:
-        cfg = _hf_config(
+        cfg = _tiny_config(
             LlamaConfig,
-            vocab_size=len(vocab),
-            hidden_size=t["hidden"],
-            intermediate_size=t["ffn"],
-            num_hidden_layers=t["layers"],
-            num_attention_heads=t["heads"],
+            len(vocab),
             num_key_value_heads=t["heads"],
             max_position_embeddings=32,
             pad_token_id=vocab.pad_id,
@@ -525,13 +527,9 @@ def build_qa_bert(quick: bool, n_eval: int) -> Task:
     t = TINY
 
     def build() -> nn.Module:
-        cfg = _hf_config(
+        cfg = _tiny_config(
             BertConfig,
-            vocab_size=len(st.QA_VOCAB),
-            hidden_size=t["hidden"],
-            intermediate_size=t["ffn"],
-            num_hidden_layers=t["layers"],
-            num_attention_heads=t["heads"],
+            len(st.QA_VOCAB),
             max_position_embeddings=80,
             pad_token_id=st.QA_VOCAB.pad_id,
             hidden_dropout_prob=0.0,
@@ -551,13 +549,9 @@ def build_qa_roberta(quick: bool, n_eval: int) -> Task:
     v = st.QA_VOCAB
 
     def build() -> nn.Module:
-        cfg = _hf_config(
+        cfg = _tiny_config(
             RobertaConfig,
-            vocab_size=len(v),
-            hidden_size=t["hidden"],
-            intermediate_size=t["ffn"],
-            num_hidden_layers=t["layers"],
-            num_attention_heads=t["heads"],
+            len(v),
             max_position_embeddings=84,
             type_vocab_size=1,
             pad_token_id=v.pad_id,
