@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .base import OpEntry, RuleContext, saved
-from .linear import stabilize
+from .linear import safe_divide
 
 
 def softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int) -> Tensor:
@@ -42,7 +42,7 @@ def _softmax(ctx: RuleContext):
 def _log_softmax(ctx: RuleContext):
     x = ctx.input_value(0)
     y = ctx.fn._saved_result
-    g = ctx.r / stabilize(y, ctx.eps)
+    g = safe_divide(ctx.r, y, ctx.eps)
     dim = saved(ctx.fn, "_saved_dim")
     out = x * (g - y.exp() * g.sum(dim, keepdim=True))
     return (torch.where(torch.isneginf(x), 0.0, out).to(out.dtype),)
@@ -91,7 +91,7 @@ def sdpa_relevance(
     # SDPA returns 0 there, the plain softmax NaN.
     p = p.masked_fill(torch.isneginf(s_full).all(-1, keepdim=True), 0.0)
     # O = P v: uniform bilinear rule
-    g = r / stabilize(p @ v, eps)
+    g = safe_divide(r, p @ v, eps)
     if cp:  # CP-LRP: P is a constant, O = P v a linear map of v (epsilon rule)
         r_v = v * (p.transpose(-1, -2) @ g)
         if groups > 1:
@@ -102,7 +102,7 @@ def sdpa_relevance(
     # P = softmax(S)
     r_s = softmax_relevance(s_full, p, r_p, -1)
     # S = scale q k^T + mask: uniform bilinear rule on the product, the mask absorbs its share
-    g_s = torch.where(torch.isneginf(s_full), 0.0, r_s / stabilize(s_full, eps))
+    g_s = torch.where(torch.isneginf(s_full), 0.0, safe_divide(r_s, s_full, eps))
     r_mask = None
     if mask is not None and mask.dtype != torch.bool:
         r_mask = torch.where(torch.isneginf(s_full), 0.0, mask * g_s)

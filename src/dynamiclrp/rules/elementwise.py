@@ -45,11 +45,10 @@ from .base import (
     OpEntry,
     ReplayContext,
     RuleContext,
-    ratio,
     saved,
     sum_to_shape,
 )
-from .linear import stabilize
+from .linear import safe_divide
 
 
 def identity(ctx: RuleContext):
@@ -105,21 +104,37 @@ def _output_or_explain(ctx: RuleContext, slot: int, advice: str | None = None) -
         ) from err
 
 
+def _split_proportional(r: Tensor, mags: list[Tensor]) -> list[Tensor]:
+    """``R_i = |t_i| * R / sum_j |t_j|`` for the magnitudes ``mags`` (fresh tensors, overwritten).
+
+    Where every term is 0 the terms get ``0 * R`` (0 for a finite ``R``); an infinite term (a
+    ``-inf`` mask) takes nothing, and a NaN stays NaN.  Written for memory traffic: the shares are
+    computed in the magnitudes' buffers and the quotient in the denominator's, and on the CPU the
+    infinity mask is only built when an infinity is there (on a GPU that test would synchronise)."""
+    den = mags[0] + mags[1]
+    for m in mags[2:]:
+        den = den + m
+    # den >= 0: an infinity in it is +inf (an infinite term, or an overflow where every share is
+    # finite * 0 anyway)
+    inf = den == math.inf if den.device.type != "cpu" or bool(den.isinf().any()) else None
+    g = den.masked_fill_(den == 0, 1)
+    g = torch.div(r, g, out=g) if r.shape == g.shape and r.dtype == g.dtype else r / g
+    out = []
+    for m in mags:
+        share = m.mul_(g) if m.shape == g.shape and m.dtype == g.dtype else m * g
+        out.append(share if inf is None else share.masked_fill_(inf, 0))
+    return out
+
+
 def _split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
     """Split ``R`` of ``sum(terms)`` over the terms (proportional to |term|, or signed epsilon)."""
     r = ctx.r
     if mode == "proportional":
-        mags = [t.abs() for t in terms]
-        den = mags[0]
-        for m in mags[1:]:
-            den = den + m
-        g = ratio(r, den)
-        inf = den == math.inf  # an infinite term (a -inf mask) takes nothing; NaN stays NaN
-        return [(m * g).masked_fill_(inf, 0) for m in mags]
+        return _split_proportional(r, [t.abs() for t in terms])
     z = terms[0]
     for t in terms[1:]:
         z = z + t
-    g = r / stabilize(z, ctx.eps)
+    g = safe_divide(r, z, ctx.eps)
     return [t * g for t in terms]
 
 

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 
 from .base import OpEntry, ReplayContext, RuleContext
-from .linear import stabilize
+from .linear import safe_divide
 
 RNN_RELU, RNN_TANH, LSTM, GRU = 0, 1, 2, 3  # cuDNN / oneDNN mode numbers, as autograd saves them
 _GATES = {RNN_RELU: 1, RNN_TANH: 1, LSTM: 4, GRU: 3}
@@ -99,7 +99,7 @@ class LayerRelevance(NamedTuple):
 def split_sum(a: Tensor, b: Tensor, r: Tensor, add: str, eps: float) -> tuple[Tensor, Tensor]:
     """Relevance ``r`` of ``a + b`` split over the two terms like the add rule (``Rules.add``)."""
     if add == "signed":
-        g = r / stabilize(a + b, eps)
+        g = safe_divide(r, a + b, eps)
         return a * g, b * g
     if add != "proportional":
         raise ValueError(f"Rules.add must be 'proportional' or 'signed', got {add!r}")
@@ -189,14 +189,14 @@ def layer_relevance(
         if mode == LSTM:
             _, _, fc, ig, z = step
             r_fc, r_ig = split_sum(fc, ig, r_c + r_h, add, eps)
-            r_c, g, r_h = r_fc, r_ig / stabilize(z, eps), zero
+            r_c, g, r_h = r_fc, safe_divide(r_ig, z, eps), zero
         elif mode == GRU:
             _, _, un, uh, z, scale_h = step
             r_n, r_h = split_sum(un, uh, r_h, add, eps)
-            g = r_n / stabilize(z, eps)
+            g = safe_divide(r_n, z, eps)
         else:
             z = step[2]
-            g, r_h = r_h / stabilize(z, eps), zero
+            g, r_h = safe_divide(r_h, z, eps), zero
         gh = g if scale_h is None else scale_h * g
         r_x[t] = x[t] * (g @ wi)
         r_h = r_h + h * (gh @ wh)

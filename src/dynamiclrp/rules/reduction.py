@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import OpEntry, RuleContext, ratio, saved
-from .linear import stabilize
+from .linear import safe_divide
 
 
 def _transpose(ctx: RuleContext, g):
@@ -48,7 +48,7 @@ def linear_reduction(forward):
 
 
 def _signed_linear(ctx: RuleContext, forward, x: Tensor):
-    g = ctx.r / stabilize(forward(ctx.fn, x), ctx.eps)
+    g = safe_divide(ctx.r, forward(ctx.fn, x), ctx.eps)
     return (x * _transpose(ctx, g),)
 
 
@@ -209,7 +209,7 @@ def _mean_share(ctx: RuleContext, x: Tensor, r: Tensor, dims: list[int]) -> Tens
         return _split_by_weight(x.abs(), r, dims)
     n = math.prod(x.shape[d] for d in dims)
     mean = _per_group(x, dims) / n
-    return x * (r.reshape(mean.shape) / stabilize(mean, ctx.eps)) / n
+    return x * safe_divide(r.reshape(mean.shape), mean, ctx.eps) / n
 
 
 def variance_rule(ctx: RuleContext):

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..errors import ValueRecoveryError
 from .base import OpEntry, ReplayContext, RuleContext, ratio
 from .contraction import contract
-from .linear import LinearMap, matmul_map, stabilize
+from .linear import LinearMap, matmul_map, safe_divide
 
 # --- grouped matrix product ----------------------------------------------------------------------
 
@@ -188,7 +188,7 @@ def index_add_rule(ctx: RuleContext):
         den = a.index_add(dim, index, t)
         g = ratio(ctx.r, den)  # 0 where den is 0; r / inf is 0 where it is infinite
     else:
-        g = ctx.r / stabilize(a.index_add(dim, index, t), ctx.eps)
+        g = safe_divide(ctx.r, a.index_add(dim, index, t), ctx.eps)
     gs = g.index_select(dim, index).reshape(t.shape)
     return [a * g, t * gs]
 
