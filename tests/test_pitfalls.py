@@ -260,9 +260,16 @@ def test_weight_relevance_only_when_asked(monkeypatch):
 
 
 def test_nan_is_reported_with_the_op_that_produced_it():
+    """A NaN made inside the graph (a NaN weight on a branch ``where`` discards, so the output is
+    finite and passes the up-front checks) is named by the op whose relevance became NaN."""
     x = leaf(2, 3)
-    w = torch.randn(3, 3, dtype=D)
-    h = (x @ w).relu()
-    y = h.log()  # log(0) = -inf where relu clipped: the seed is not finite
-    with pytest.raises(NonFiniteRelevanceError, match="Backward0"):
-        dynamiclrp.explain(y * 1.0 + float("nan"), x, relevance=torch.ones(2, 3, dtype=D))
+    w = torch.full((3, 3), float("nan"), dtype=D)
+    masked = torch.where(torch.zeros(2, 3, dtype=torch.bool), x @ w, x * 2.0)
+    with pytest.raises(NonFiniteRelevanceError, match="MmBackward0"):
+        dynamiclrp.explain(masked, x, relevance=torch.ones(2, 3, dtype=D))
+
+
+def test_a_nan_output_is_refused_before_propagation():
+    x = leaf(2, 3)
+    with pytest.raises(dynamiclrp.InputError, match="NaN"):
+        dynamiclrp.explain(x * 1.0 + float("nan"), x, relevance=torch.ones(2, 3, dtype=D))

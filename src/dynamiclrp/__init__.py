@@ -15,7 +15,10 @@ from .engine import LRP, Plan
 from .errors import (
     DynamicLRPError,
     GraphError,
+    InputError,
     NonFiniteRelevanceError,
+    RuleParameterError,
+    SettingError,
     TargetError,
     UncoveredOpError,
     ValueRecoveryError,
@@ -38,6 +41,7 @@ def explain(
     rules: str | Rules = "dynamiclrp",
     return_report: bool = False,
     recording: Recording | None = None,
+    dtype=None,
 ):
     """Explain ``output`` in terms of ``inputs`` with LRP on the autograd graph.
 
@@ -62,6 +66,10 @@ def explain(
         A :func:`record` of the forward pass, for models that add or fill with constants that do
         not require grad where nothing else kept the result (eager attention masks, frozen
         biases); the error message says when it is needed.
+    dtype:
+        The dtype relevance is computed in (default: the output's).  ``torch.float32`` for a
+        ``bfloat16`` or ``float16`` model accumulates in float32 on the model's own forward values
+        (:mod:`dynamiclrp.precision`); the relevance returned has each input's dtype.
 
     Returns
     -------
@@ -69,7 +77,7 @@ def explain(
     ``inputs`` was a single tensor; with ``return_report=True`` a ``(relevance, report)`` pair.
     """
     lrp = LRP(rules, cache_size=0)
-    rel = lrp.explain(output, inputs, target, relevance=relevance, recording=recording)
+    rel = lrp.explain(output, inputs, target, relevance=relevance, recording=recording, dtype=dtype)
     return (rel, lrp.report) if return_report else rel
 
 
@@ -85,6 +93,9 @@ __all__ = [
     "Flat",
     "Gamma",
     "GraphError",
+    "InputError",
+    "RuleParameterError",
+    "SettingError",
     "NonFiniteRelevanceError",
     "Plan",
     "Recording",

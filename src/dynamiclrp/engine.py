@@ -19,6 +19,7 @@ from torch import Tensor
 from .errors import GraphError, UncoveredOpError, ValueRecoveryError
 from .graph import Edge, Graph, build_graph, gradient_edge
 from .ledger import Ledger, RelevanceReport
+from .precision import cast_graph, cast_value, check_dtype
 from .presets import Rules, preset
 from .promises import PromisePlan, PromiseResolver
 from .recording import Recording
@@ -67,9 +68,18 @@ class LRP:
     cached plan was used.
     """
 
-    def __init__(self, rules: str | Rules = "dynamiclrp", cache_size: int = 8):
+    def __init__(
+        self,
+        rules: str | Rules = "dynamiclrp",
+        cache_size: int = 8,
+        *,
+        dtype: torch.dtype | None = None,
+    ):
+        from .validation import check_cache_size
+
         self.rules = preset(rules)
-        self.cache_size = cache_size
+        self.cache_size = check_cache_size(cache_size)
+        self.dtype = check_dtype(dtype)
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self.report: RelevanceReport | None = None
         self.last_plan_cached = False
@@ -82,35 +92,35 @@ class LRP:
         *,
         relevance: Tensor | None = None,
         recording: Recording | None = None,
+        dtype: torch.dtype | None = None,
     ):
-        """Relevance of each of ``inputs`` for ``output`` (see :func:`dynamiclrp.explain`)."""
-        if not isinstance(output, Tensor):
-            raise GraphError(f"output must be a tensor, got {type(output).__name__}")
-        if output.grad_fn is None:
-            raise GraphError(
-                "The output has no grad_fn, so there is no graph to explain. Run the forward pass "
-                "with autograd recording (not under torch.no_grad() or inference_mode) and with "
-                "an input or parameter that requires grad."
-            )
-        single = isinstance(inputs, Tensor)
-        tensors = [inputs] if single else list(inputs)
-        if not tensors:
-            raise GraphError("inputs is empty: pass the tensor(s) to explain.")
+        """Relevance of each of ``inputs`` for ``output`` (see :func:`dynamiclrp.explain`).
+
+        ``dtype`` (default: the one given to the constructor, else the output's dtype) is the dtype
+        relevance is computed in; see :mod:`dynamiclrp.precision`."""
+        from .validation import check_explain_call
+
+        single, tensors = check_explain_call(output, inputs, recording)
         seed = make_seed(output, target, relevance)
         graph = build_graph(output.grad_fn)
         requested = tuple(_input_edge(graph, t, i) for i, t in enumerate(tensors))
         is_param = [isinstance(t, torch.nn.Parameter) for t in tensors]
         plan = self._plan(graph, requested, is_param)
         root_nr = gradient_edge(output).output_nr
-        run = _Run(graph, plan, self.rules)
+        dtype = check_dtype(dtype) or self.dtype
+        if dtype is not None and dtype != output.dtype:
+            run = _Run(cast_graph(graph, dtype), plan, self.rules, dtype)
+            seed = seed.to(dtype)
+        else:
+            run, dtype = _Run(graph, plan, self.rules), None
         # tensors we hold are arg nodes too: the output itself and every requested tensor
-        run.resolver.known((0, root_nr), output.detach())
+        run.resolver.known((0, root_nr), cast_value(output.detach(), dtype))
         for e, t in zip(requested, tensors, strict=True):
-            run.resolver.known(e, t.detach())
+            run.resolver.known(e, cast_value(t.detach(), dtype))
         if recording is not None:
             run.resolver.recorded = True
             for e, v in recording.values_for(graph).items():
-                run.resolver.known(e, v)
+                run.resolver.known(e, cast_value(v, dtype))
         with torch.no_grad():
             results = run.execute((0, root_nr), seed, requested, is_param)
         self.report = run.report
@@ -313,8 +323,9 @@ def _is_source(graph: Graph, v: int) -> bool:
 class _Run:
     """One explanation's state; dropped when :meth:`LRP.explain` returns."""
 
-    def __init__(self, graph: Graph, plan: Plan, rules: Rules):
+    def __init__(self, graph: Graph, plan: Plan, rules: Rules, dtype: torch.dtype | None = None):
         self.graph = graph
+        self.dtype = dtype  # the relevance dtype, when it differs from the model's
         self.plan = plan
         self.rules = rules
         self.resolver = PromiseResolver(graph, plan.entries, plan.promises)
@@ -393,7 +404,9 @@ class _Run:
                 if (v, k) in wanted_edges and r is not None:
                     captured[(v, k)] = r
             rel = [
-                r if r is not None else torch.zeros(tuple(m.shape), dtype=m.dtype, device=m.device)
+                r
+                if r is not None
+                else torch.zeros(tuple(m.shape), dtype=self.dtype or m.dtype, device=m.device)
                 for r, m in zip(rel, meta, strict=True)
             ]
             self._propagate(v, rel, store, sums, sent)

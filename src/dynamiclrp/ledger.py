@@ -131,11 +131,21 @@ class Ledger:
         bad = (~torch.isfinite(checks)).nonzero()
         if len(bad):
             i = int(bad[0])
+            hint = (
+                "Check the model's output and inputs for NaN/Inf, or raise Rules.eps if a "
+                "denominator vanished."
+            )
+            if seeded.dtype == torch.float16:  # inf, or inf - inf = NaN in a sum
+                hint = (
+                    "In float16 this is most likely an overflow (its largest value is 65504, and "
+                    "relevance of cancelling terms can exceed the output): explain with "
+                    "dtype=torch.float32 (relevance accumulated in float32 on the model's float16 "
+                    "values), or run the model in bfloat16. " + hint
+                )
             raise NonFiniteRelevanceError(
                 f"Relevance became NaN or Inf at {describe(self.nodes[i])} (the first op, in "
                 f"propagation order, whose output relevance is not finite; {len(bad)} ops in all). "
-                "Check the model's output and inputs for NaN/Inf, or raise Rules.eps if a "
-                "denominator vanished."
+                + hint
             )
         seeded_f = float(seeded)
         report = RelevanceReport(seeded=seeded_f, nodes=len(self.nodes))

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from .errors import SettingError
 from .rules.linear import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
+from .validation import check_rule, real_number, rules_argument_error, show
 
 PROPORTIONAL, SIGNED = "proportional", "signed"
 EPSILON, PASS = "epsilon", "pass"
@@ -106,13 +108,32 @@ class Rules:
             ("gates", (UNIFORM, CONSTANT)),
         ):
             if getattr(self, what) not in allowed:
-                raise ValueError(
-                    f"Rules.{what} must be one of {allowed}, got {getattr(self, what)!r}"
+                raise SettingError(
+                    f"Rules.{what} must be one of {allowed}, got {getattr(self, what)!r} "
+                    "(docs/presets.md describes each choice)."
                 )
-        if not set(self.first_kinds) <= set(KINDS):
-            raise ValueError(f"Rules.first_kinds must be among {KINDS}, got {self.first_kinds!r}")
-        if not self.eps > 0:
-            raise ValueError(f"Rules.eps must be positive, got {self.eps}")
+        kinds = self.first_kinds
+        if isinstance(kinds, str) or not isinstance(kinds, (tuple, list)):
+            raise SettingError(
+                f"Rules.first_kinds must be a tuple of kinds among {KINDS}, got {show(kinds)}: "
+                f"write first_kinds=({kinds!r},) for one kind."
+            )
+        if not set(kinds) <= set(KINDS):
+            raise SettingError(
+                f"Rules.first_kinds must be among {KINDS}, got {kinds!r}: the first-layer rule "
+                "applies to dense layers ('dense',), convolutions ('conv',) or both."
+            )
+        object.__setattr__(self, "first_kinds", tuple(kinds))  # hashable: part of plan keys
+        eps = real_number(self.eps, "Rules.eps", error=SettingError)
+        if not eps > 0:
+            raise SettingError(
+                f"Rules.eps must be positive (the stabiliser of z + eps * sign(z)), got "
+                f"{self.eps}: use e.g. 1e-6 (the default) or 1e-12 for almost none."
+            )
+        check_rule(self.dense, "Rules.dense")
+        check_rule(self.conv, "Rules.conv")
+        if self.first is not None:
+            check_rule(self.first, "Rules.first")
 
     def rule_for(self, kind: str, tensors: Iterable[Tensor], first: bool = False):
         """The contraction rule for ``kind`` (``"dense"`` or ``"conv"``) with operands ``tensors``;
@@ -129,26 +150,43 @@ class Rules:
     def override(
         self,
         rule,
-        params: Iterable[Tensor] = (),
-        names: Iterable[str] = (),
+        params: Tensor | Iterable[Tensor] = (),
+        names: str | Iterable[str] = (),
         model: torch.nn.Module | None = None,
     ) -> Rules:
         """A copy of these rules that uses ``rule`` for the layers owning ``params`` / ``names``."""
-        tensors = list(params)
-        names = list(names)
+        check_rule(rule, "override(rule)")
+        tensors = [params] if isinstance(params, Tensor) else list(params)
+        names = [names] if isinstance(names, str) else list(names)
+        for t in tensors:
+            if not isinstance(t, Tensor):
+                raise SettingError(
+                    f"override(params=...) must hold parameter tensors, got {show(t)}: pass e.g. "
+                    "params=[model.conv1.weight], or names=['conv1.weight'] with model=model."
+                )
         if names:
             if model is None:
-                raise ValueError("override(names=...) needs model= to look the names up")
+                raise SettingError(
+                    "override(names=...) needs model= to look the names up: "
+                    "override(rule, names=[...], model=model)."
+                )
+            if not isinstance(model, torch.nn.Module):
+                raise SettingError(
+                    f"override(model=...) must be a torch.nn.Module, got {show(model)}."
+                )
             table = dict(model.named_parameters())
             unknown = [n for n in names if n not in table]
             if unknown:
-                raise ValueError(
+                raise SettingError(
                     f"No parameters named {unknown} in the model; known names start with "
-                    f"{list(table)[:5]}"
+                    f"{list(table)[:5]} (see model.named_parameters())."
                 )
             tensors += [table[n] for n in names]
         if not tensors:
-            raise ValueError("override() needs params= or names=")
+            raise SettingError(
+                "override() needs params= or names= to say which layers use the rule, e.g. "
+                "override(Gamma(0.25), params=[model.conv1.weight])."
+            )
         keys = frozenset(_storage_key(t) for t in tensors)
         return replace(self, overrides=self.overrides + (LayerOverride(rule, keys),))
 
@@ -224,4 +262,4 @@ def preset(rules: str | Rules) -> Rules:
         return rules
     if isinstance(rules, str) and rules in PRESETS:
         return PRESETS[rules]()
-    raise ValueError(f"Unknown rules {rules!r}: use one of {sorted(PRESETS)} or a Rules object")
+    raise rules_argument_error(rules, PRESETS)

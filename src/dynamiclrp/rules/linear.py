@@ -321,9 +321,16 @@ class Gamma(ContractionRule):
     """
 
     def __init__(self, gamma: float = 0.25) -> None:
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        self.gamma = float(gamma)
+        from ..errors import RuleParameterError
+        from ..validation import real_number
+
+        value = real_number(gamma, "Gamma(gamma=...)")
+        if value < 0:
+            raise RuleParameterError(
+                f"Gamma(gamma=...) must be >= 0, got {gamma}: 0 is the epsilon rule, larger "
+                "values favour contributions of the output's sign (0.25 is usual)."
+            )
+        self.gamma = value
 
     def groups(
         self, m: LinearMap, x: Tensor, w: Tensor, bias: Tensor | None, r: Tensor, eps: float
@@ -407,10 +414,22 @@ class AlphaBeta(ContractionRule):
     """
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0) -> None:
-        if abs(alpha - beta - 1.0) > 1e-9 * max(1.0, abs(alpha), abs(beta)):
-            raise ValueError(f"alpha - beta must be 1, got alpha={alpha}, beta={beta}")
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        from ..errors import RuleParameterError
+        from ..validation import real_number
+
+        a, b = real_number(alpha, "AlphaBeta(alpha=...)"), real_number(beta, "AlphaBeta(beta=...)")
+        if b < 0:
+            raise RuleParameterError(
+                f"AlphaBeta(beta=...) must be >= 0 (it weights the negative contributions), got "
+                f"alpha={alpha}, beta={beta}: use e.g. AlphaBeta(2, 1) or AlphaBeta(1, 0)."
+            )
+        if abs(a - b - 1.0) > 1e-9 * max(1.0, abs(a), abs(b)):
+            raise RuleParameterError(
+                f"AlphaBeta needs alpha - beta = 1 (else relevance is not conserved), got "
+                f"alpha={alpha}, beta={beta}: use e.g. AlphaBeta(2, 1) or AlphaBeta(1, 0)."
+            )
+        self.alpha = a
+        self.beta = b
 
     def groups(
         self, m: LinearMap, x: Tensor, w: Tensor, bias: Tensor | None, r: Tensor, eps: float
@@ -487,6 +506,9 @@ class ZBox(ContractionRule):
     """
 
     def __init__(self, low: float | Tensor, high: float | Tensor, bias: bool = True) -> None:
+        from ..validation import check_box
+
+        check_box(low, high)
         self.low = low
         self.high = high
         self.bias = bool(bias)
