@@ -353,6 +353,25 @@ class _Run:
     def output_value(self, idx: int, k: int) -> Tensor:
         return self.resolver.value((idx, k))
 
+    def known_input(self, idx: int, slot: int) -> Tensor | None:
+        """Input ``slot``'s value if it costs no computation (saved by the node, a neighbour, or
+        recovered already), else ``None``."""
+        entry = self.plan.entries[idx]
+        attr = entry.saved_inputs.get(slot) if entry is not None else None
+        if attr is not None:
+            v = self.resolver.read_saved(idx, attr)
+            if v is not None:
+                return v
+        edge = self.graph.children[idx][slot]
+        return None if edge is None else self.resolver.at_hand(edge)
+
+    def remember_input(self, idx: int, slot: int, value: Tensor) -> None:
+        """Keep a value a rule derived for input ``slot`` (``out - a`` for an add's ``b``) for
+        the nodes below that need it (the contraction that produced ``b`` reads it as ``z``)."""
+        edge = self.graph.children[idx][slot]
+        if edge is not None:
+            self.resolver.values.setdefault(edge, value)
+
     def known_value(self, idx: int, k: int) -> Tensor | None:
         return self.resolver.at_hand((idx, k))
 

@@ -39,6 +39,31 @@ from .recording import NEEDS_RECORDING
 from .rules.base import OpEntry, ReplayContext
 
 LEAF, OWN_SAVED, CONSUMER_SAVED, REPLAY = "leaf", "own-saved", "consumer-saved", "replay"
+UNDONE = "undone-rearrangement"
+
+# Consumers whose forward is a bijective rearrangement of their one input: the node's own backward
+# applied to the output's value gives the input's value back (the gradient of a permutation of
+# elements is the inverse permutation), at the cost of a view.
+BIJECTIVE = frozenset(
+    {
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "TransposeBackward0",
+        "TransposeBackward1",
+        "TBackward0",
+        "PermuteBackward0",
+        "UnsqueezeBackward0",
+        "UnsqueezeBackward1",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "SqueezeBackward3",
+        "SqueezeBackward4",
+        "CloneBackward0",
+        "AliasBackward0",
+    }
+)
 
 
 @dataclass
@@ -189,13 +214,25 @@ class PromiseResolver:
         entry = self.entries[j]
         if entry is not None and k in entry.saved_outputs:
             yield (OWN_SAVED, j, entry.saved_outputs[k])
-        for p, slot in self.graph.consumers.get(e, ()):
+        consumers = self.graph.consumers.get(e, ())
+        for p, slot in consumers:
             pe = self.entries[p]
             if pe is not None and slot in pe.saved_inputs:
                 yield (CONSUMER_SAVED, p, pe.saved_inputs[slot])
+        for p, _ in consumers:  # a view of it whose value is at hand: undo the view
+            if self.graph.names[p] in BIJECTIVE:
+                yield (UNDONE, p, "")
 
     def _read(self, e: Edge, source: tuple[str, int, str]) -> Tensor | None:
-        return self.read_saved(source[1], source[2])
+        if source[0] != UNDONE:
+            return self.read_saved(source[1], source[2])
+        out = self.at_hand((source[1], 0))
+        if out is None:
+            return None
+        v = self.graph.fns[source[1]](out)
+        v = v[0] if isinstance(v, tuple) else v
+        self.values[e] = v
+        return v
 
     def read_saved(self, node: int, attr: str) -> Tensor | None:
         """``fn._saved_*`` of ``node``, failing loudly if autograd already freed it."""

@@ -153,6 +153,15 @@ class RuleContext:
         """Forward value of output ``k`` of this node, recovered like an input value."""
         return self._engine.output_value(self.idx, k)
 
+    def known_input(self, slot: int) -> Tensor | None:
+        """Input ``slot``'s forward value if it is at hand without computing anything, else
+        ``None``."""
+        return self._engine.known_input(self.idx, slot)
+
+    def remember_input(self, slot: int, value: Tensor) -> None:
+        """Offer a value this rule derived for input ``slot`` to the nodes below."""
+        self._engine.remember_input(self.idx, slot, value)
+
     def known_output(self, k: int = 0) -> Tensor | None:
         """Output ``k``'s forward value if it is at hand without computing anything (recovered
         earlier in this run, saved by the node or by a consumer), else ``None``."""

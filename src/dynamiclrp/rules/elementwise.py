@@ -84,6 +84,20 @@ def _terms(ctx: RuleContext, sign: float):
             other = other if slot == 1 or alpha == 1 else alpha * other
             out = _output_or_explain(ctx, slot)
             return (other, out - other) if slot == 1 else (out - other, other)
+    # one operand at hand (saved by a neighbour) and the sum too (a residual stream: the next
+    # norm saved it): the other is the difference, not a replay of the layer that made it
+    known = [ctx.known_input(0), ctx.known_input(1)]
+    if (known[0] is None) != (known[1] is None) and (out := ctx.known_output()) is not None:
+        if known[0] is not None:
+            a = known[0]
+            b = out - a
+            if alpha == 1:
+                ctx.remember_input(1, b)
+            return a, b
+        b = known[1] if alpha == 1 else alpha * known[1]
+        a = out - b
+        ctx.remember_input(0, a)
+        return a, b
     a, b = ctx.input_value(0), ctx.input_value(1)
     return a, b if alpha == 1 else alpha * b  # 1 * b is b: one op fewer
 

@@ -28,18 +28,29 @@ def _bias_out(ctx: RuleContext, slot: int, rb, per_channel: bool = False):
 
 
 def _layer_norm(ctx: RuleContext):
+    """``y = (x - mean) * rstd * w + b`` with the statistics held constant:
+    ``R_x = x * (g - mean(g))``, ``g = w * rstd * R / stab(y)``, and the bias absorbs
+    ``b * R / stab(y)`` (summed per feature as ``b * sum(R / stab(y))``)."""
     fn = ctx.fn
     x = ctx.input_value(0)
     w, b = fn._saved_weight, fn._saved_bias
     mean, rstd = fn._saved_result1, fn._saved_result2
     dims = tuple(range(x.dim() - len(fn._saved_normalized_shape), x.dim()))
     scale = rstd if w is None else rstd * w
-    y = (x - mean) * scale
-    if b is not None:
-        y = y + b
-    g = safe_divide(ctx.r, y, ctx.eps) * scale
-    rx = (x * (g - g.mean(dims, keepdim=True))).to(x.dtype)  # CUDA keeps bf16 stats in fp32
-    return [rx, None, _bias_out(ctx, 2, None if b is None else b * safe_divide(ctx.r, y, ctx.eps))]
+    y = (x - mean).mul_(scale) if b is None else torch.addcmul(b, x - mean, scale)
+    gy = safe_divide(ctx.r, y, ctx.eps)
+    rb = None
+    if b is not None and fn.next_functions[2][0] is not None:
+        lead = tuple(range(gy.dim() - b.dim()))
+        rb = (gy.sum(lead) if lead else gy) * b
+        rb = sum_to_shape(rb, ctx.input_shape(2))
+    g = gy.mul_(scale) if gy.shape == torch.broadcast_shapes(gy.shape, scale.shape) else gy * scale
+    rx = (
+        g.sub_(g.mean(dims, keepdim=True)).mul_(x)
+        if g.dtype == x.dtype
+        else x * (g - g.mean(dims, keepdim=True))
+    )
+    return [rx.to(x.dtype), None, rb]  # CUDA keeps bf16 stats in fp32
 
 
 def _affine_bias(ctx: RuleContext, has_affine: bool, per_channel, without_bias):
