@@ -98,6 +98,11 @@ class LRP:
 
         ``dtype`` (default: the one given to the constructor, else the output's dtype) is the dtype
         relevance is computed in; see :mod:`dynamiclrp.precision`."""
+        if torch.is_inference_mode_enabled():  # explain inside `with torch.inference_mode():`
+            with torch.inference_mode(False):
+                return self.explain(
+                    output, inputs, target, relevance=relevance, recording=recording, dtype=dtype
+                )
         from .validation import check_explain_call
 
         single, tensors = check_explain_call(output, inputs, recording)
@@ -201,6 +206,7 @@ def make_plan(
             f"the path from the output to the inputs: {listing}. First at "
             f"{graph.describe(first)}. Nothing was propagated. Add an entry to the op table "
             "(dynamiclrp.rules) for each, or explain an intermediate tensor below them."
+            + "".join(_uncovered_hint(graph, name) for name in uncovered)
         )
     # the first layers are nearest to the earliest requested inputs: a requested intermediate
     # tensor with another requested input below it does not make the layer reading it "first"
@@ -225,6 +231,30 @@ def make_plan(
         fused,
         fused_slot,
     )
+
+
+def _uncovered_hint(graph: Graph, name: str) -> str:
+    """What to do about one uncovered node type that has a known cause."""
+    if name == "CheckpointFunctionBackward":
+        return (
+            " CheckpointFunctionBackward is a reentrant activation checkpoint, whose segment "
+            "autograd never recorded: use torch.utils.checkpoint.checkpoint(..., "
+            "use_reentrant=False), which records it."
+        )
+    if name == "CompiledFunctionBackward":
+        return (
+            " CompiledFunctionBackward is a torch.compile'd region, one opaque node: explain the "
+            "uncompiled model (compiled._orig_mod), or compile with backend='eager'."
+        )
+    fn = graph.fns[graph.names.index(name)]
+    if isinstance(fn, torch.autograd.function.BackwardCFunction):
+        cls = getattr(fn, "_forward_cls", None)
+        return (
+            f" {name} is the custom autograd.Function `{getattr(cls, '__name__', name)}`: "
+            f"register a rule for it with dynamiclrp.OP_TABLE[{name!r}] = "
+            "dynamiclrp.rules.OpEntry(family, rule) (docs/rules.md)."
+        )
+    return ""
 
 
 def _data_operand(graph: Graph, entry: OpEntry | None, data: list[bool], v: int) -> int | None:

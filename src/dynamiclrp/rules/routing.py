@@ -20,6 +20,26 @@ def route_like_gradient(ctx: RuleContext):
     return out if isinstance(out, tuple) else (out,)
 
 
+def _copy_slices(ctx: RuleContext):
+    """An in-place op on a view (``h[:, :3] = v``, ``h[:, :3].relu_()``) routed like its gradient.
+
+    Exact when the wrapped op copies, fills or gates elements (its gradient on the base is 0 or 1
+    everywhere).  Autograd does not say which op it wraps, so the gradient of ones is probed: any
+    other value (``mul_(0.5)`` scales, an LRP rule would not) is refused loudly."""
+    probe = ctx.fn(*(torch.ones_like(r) for r in ctx.relevance))
+    base = probe[0] if isinstance(probe, tuple) else probe
+    if base is not None and bool(((base != 0) & (base != 1)).any()):
+        from ..errors import UncoveredOpError
+
+        raise UncoveredOpError(
+            f"{ctx.fn.name()} (node {ctx.idx}) wraps an in-place op on a view that scales the "
+            "elements it writes (e.g. h[:, :3].mul_(0.5)); autograd does not expose which op it "
+            "is, so no LRP rule can be chosen. Write that op out of place, e.g. "
+            "h = torch.cat([h[:, :3] * 0.5, h[:, 3:]], 1)."
+        )
+    return route_like_gradient(ctx)
+
+
 def _reshape(c: ReplayContext):
     return (c.inputs[0].reshape(c.out_shape()),)
 
@@ -173,7 +193,11 @@ TABLE = {
             ),
         )
     ),
-    "CopySlices": _routing(),
+    "CopySlices": OpEntry("routing", _copy_slices, rearranges=False),
+    # register_full_backward_hook: an identity on each input; calling the node would fire the hook
+    "BackwardHookFunctionBackward": OpEntry(
+        "routing", lambda c: tuple(c.relevance), replay=lambda c: tuple(c.inputs)
+    ),
     "AsStridedBackward0": _routing(),
     "AsStridedBackward1": _routing(),
     "UnfoldBackward0": _routing(
