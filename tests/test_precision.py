@@ -140,3 +140,69 @@ def test_cast_node_converts_saved_floats_once_and_passes_the_rest_through():
     assert a.dtype == torch.float32 and node._saved_mat1 is a  # cached
     assert torch.equal(a, fn._saved_mat1.float())
     assert node.next_functions == fn.next_functions and node.name() == fn.name()
+
+
+# --- regressions found by benchmarks/precision.py over the zoo --------------------------------
+
+
+def _pool_net(x):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(1, 4, 3).to(x.dtype)
+    return torch.cat(
+        [
+            nn.functional.max_pool2d(conv(x), 2).flatten(1),
+            nn.functional.adaptive_avg_pool2d(conv(x), 2).flatten(1),
+            conv(x)[:, torch.tensor([0, 2])].flatten(1),  # IndexBackward0
+        ],
+        1,
+    )
+
+
+def _mixed_net(x):
+    """T5-style RMSNorm in a bf16 model: bf16 * float32 statistic, cast back, float32 logits."""
+    torch.manual_seed(4)
+    lin1, lin2 = nn.Linear(4, 4).to(x.dtype), nn.Linear(4, 3).to(x.dtype)
+    h = lin1(x)
+    var = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    h = (h * torch.rsqrt(var + 1e-6)).to(x.dtype)
+    return lin2(h).float()
+
+
+def _clamp_net(x):
+    """T5 in float16 clamps with 0-d tensor bounds (ClampBackward0)."""
+    torch.manual_seed(5)
+    h = nn.Linear(4, 3).to(x.dtype)(x)
+    c = torch.tensor(60000.0, dtype=x.dtype)
+    return torch.clamp(h, min=-c, max=c)
+
+
+def _lstm_net(x):
+    """On the CPU a bf16 / fp32 nn.LSTM is one fused node (MkldnnRnnLayerBackward0)."""
+    torch.manual_seed(6)
+    return nn.LSTM(4, 8, batch_first=True).to(x.dtype)(x)[0][:, -1]
+
+
+@pytest.mark.parametrize(
+    ("net", "shape", "dtype", "compute", "ref_dtype"),
+    [
+        (_pool_net, (1, 1, 6, 6), torch.bfloat16, torch.float32, torch.float64),
+        (_mixed_net, (2, 4), torch.bfloat16, None, torch.float64),
+        (_mixed_net, (2, 4), torch.bfloat16, torch.float32, torch.float64),
+        (_clamp_net, (2, 4), torch.float16, None, torch.float64),
+        (_lstm_net, (1, 6, 4), torch.bfloat16, torch.float32, torch.float32),
+    ],
+    ids=["routing-f32acc", "mixed", "mixed-f32acc", "clamp-tensor-bounds", "fused-lstm-f32acc"],
+)
+def test_low_precision_graph_explains_close_to_the_reference(net, shape, dtype, compute, ref_dtype):
+    """Each of these crashed once (dtype checks of a node's own backward, a float32 relevance
+    sent into a bf16 matmul, a missing rule, a float32 tolerance on bf16 values); the reference
+    is the same network built in a wider dtype (same seeds; the fused LSTM's reference is float32,
+    where it is fused too)."""
+    x64 = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    xr = x64.to(ref_dtype).requires_grad_(True)
+    ref = dynamiclrp.explain(net(xr), xr, target=0)
+    x = x64.to(dtype).requires_grad_(True)
+    rel = dynamiclrp.explain(net(x), x, target=0, dtype=compute)
+    assert rel.dtype == dtype and torch.isfinite(rel).all()
+    cos = torch.nn.functional.cosine_similarity(rel.double().flatten(), ref.double().flatten(), 0)
+    assert cos > 0.98, float(cos)

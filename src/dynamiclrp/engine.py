@@ -113,7 +113,7 @@ class LRP:
         plan = self._plan(graph, requested, is_param)
         root_nr = gradient_edge(output).output_nr
         dtype = check_dtype(dtype) or self.dtype
-        if dtype is not None and dtype != output.dtype:
+        if dtype is not None:  # also for a float32 output of a model that upcasts its logits
             run = _Run(cast_graph(graph, dtype), plan, self.rules, dtype)
             seed = seed.to(dtype)
         else:
@@ -166,7 +166,9 @@ def _input_edge(graph: Graph, t, i: int) -> Edge:
     if j is None:
         raise GraphError(
             f"inputs[{i}] (shape {tuple(t.shape)}) is not part of the output's graph: the output "
-            "does not depend on it (or it was detached, or it comes from another forward pass)."
+            "does not depend on it (or it was detached, or it comes from another forward pass). "
+            "Pass the very tensor the forward pass used (not a copy or a re-created tensor), and "
+            "run the forward pass again after changing inputs."
         )
     return (j, edge.output_nr)
 
@@ -512,6 +514,9 @@ class _Run:
                 m = g.fns[e[0]]._input_metadata[e[1]]
                 if r.shape != m.shape:  # a node's own backward may leave broadcasting to autograd
                     r = sum_to_shape(r, m.shape)
+                want = self.dtype or m.dtype  # as autograd casts each gradient to its input's
+                if r.dtype != want and r.is_floating_point():  # (mixed bf16 / fp32 models)
+                    r = r.to(want)
             s = summed.get(id(r))
             if s is None:
                 # a rearrangement (reshape, permute, clone) passes on exactly what it received

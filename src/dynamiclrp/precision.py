@@ -63,8 +63,18 @@ class CastNode:
         return hit
 
     def __call__(self, *grads):
-        """The node's own backward (routing rules run it on relevance)."""
-        return self._fn(*grads)
+        """The node's own backward (routing rules run it on relevance), in the dtype the node
+        computed in (kernels such as max-pool's check it); the result reads as ``dtype``.  Exact
+        for the pure routing ops that call it; the relevance is rounded to the node's dtype."""
+        meta = self._fn._input_metadata
+        grads = tuple(
+            g.to(m.dtype) if isinstance(g, Tensor) and g.dtype != m.dtype else g
+            for g, m in zip(grads, meta, strict=False)
+        )
+        out = self._fn(*grads)
+        if isinstance(out, tuple):
+            return tuple(None if o is None else cast_value(o, self._dtype) for o in out)
+        return None if out is None else cast_value(out, self._dtype)
 
     def _convert(self, value):
         if isinstance(value, Tensor):

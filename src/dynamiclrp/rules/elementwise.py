@@ -371,6 +371,10 @@ TABLE = {
     "ClampBackward1": _self_op(
         lambda c, x: torch.clamp(x, c.saved("_saved_min"), c.saved("_saved_max"))
     ),
+    # tensor bounds (T5 in float16 clamps with 0-d tensors): constants, like scalar bounds
+    "ClampBackward0": _self_op(
+        lambda c, x: torch.clamp(x, c.saved("_saved_min"), c.saved("_saved_max"))
+    ),
     "ClampMinBackward0": _self_op(lambda c, x: torch.clamp(x, min=c.saved("_saved_min"))),
     "ClampMaxBackward0": _self_op(lambda c, x: torch.clamp(x, max=c.saved("_saved_max"))),
     "HardtanhBackward0": _self_op(

@@ -276,7 +276,8 @@ def _mkldnn_rnn_layer(ctx: RuleContext):
     )
     saved_out = fn._saved_result0
     y = res.output if seq_first else res.output.transpose(0, 1)
-    tol = 1e-4 + 16 * torch.finfo(saved_out.dtype).eps
+    # the dtype the layer computed in (``saved_out`` reads as float32 under ``dtype=``)
+    tol = 1e-4 + 16 * torch.finfo(fn._input_metadata[0].dtype).eps
     if not torch.allclose(y.to(saved_out.dtype), saved_out, rtol=tol, atol=tol):
         err = float((y - saved_out.to(dtype)).abs().max())
         raise RuntimeError(
