@@ -83,6 +83,14 @@ class Recording(TorchFunctionMode):
     """
 
     def __init__(self, model: torch.nn.Module | None = None):
+        if model is not None and not isinstance(model, torch.nn.Module):
+            from .errors import SettingError
+
+            raise SettingError(
+                f"record(model=...) takes the nn.Module whose frozen parameters should be recorded "
+                f"(or nothing), got {type(model).__name__}: pass the model itself, e.g. "
+                "record(model)."
+            )
         super().__init__()
         self._values: dict = {}
         self._model = model

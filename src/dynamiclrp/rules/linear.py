@@ -479,7 +479,17 @@ class WSquare(ContractionRule):
 
 
 def _bound(v: float | Tensor, x: Tensor) -> Tensor:
-    return torch.broadcast_to(torch.as_tensor(v, dtype=x.dtype, device=x.device), x.shape).clone()
+    t = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    try:
+        return torch.broadcast_to(t, x.shape).clone()
+    except RuntimeError as err:
+        from ..errors import RuleParameterError
+
+        raise RuleParameterError(
+            f"ZBox bound of shape {tuple(t.shape)} does not broadcast to the first layer's input "
+            f"of shape {tuple(x.shape)}: give low/high as floats or as tensors of the input's "
+            "shape (or of its shape without the batch dimension, e.g. (C, 1, 1) per channel)."
+        ) from err
 
 
 class ZBox(ContractionRule):
