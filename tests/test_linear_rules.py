@@ -46,6 +46,13 @@ def randn(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=DT)
 
 
+def _reduced(rb: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The textbook bias relevance (in z's shape) summed to the shape a rule returns it in: the
+    dimensions a bias is broadcast along are summed (kept as size 1), see ``linear.bias_share``."""
+    assert like.dim() == rb.dim()
+    return rb.sum_to_size(like.shape)
+
+
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9, atol: float = 1e-9):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
@@ -187,7 +194,7 @@ def test_dense_matches_textbook(key: str, with_bias: bool) -> None:
     if rb is None:
         assert out.bias is None
     else:
-        close(out.bias, rb)
+        close(out.bias, _reduced(rb, out.bias))
     close(parameter_relevance(rule, m, x, w, bias, R, EPS), T.sum(0))
 
 
@@ -245,7 +252,7 @@ def test_bmm_matches_textbook(key: str, with_bias: bool) -> None:
         if rb is None:
             assert out.bias is None
         else:
-            close(out.bias[k], rb)
+            close(out.bias[k], _reduced(rb, out.bias[k]))
         close(rw[k], T.sum(0))
 
 
@@ -366,7 +373,7 @@ def test_conv_matches_textbook(conv: str, key: str, with_bias: bool) -> None:
     if rb is None:
         assert out.bias is None
     else:
-        close(out.bias, rb.reshape(R.shape))
+        close(out.bias, _reduced(rb.reshape(R.shape), out.bias))
     close(parameter_relevance(rule, m, x, w, bias, R, EPS), case.weight_relevance(T))
 
 
@@ -663,7 +670,7 @@ def test_property_epsilon_is_the_dense_formula(B, In, Out, seed, eps, with_bias)
     rx, rb, _ = textbook("epsilon", x, w, bias, R, eps)
     close(out.x, rx, rtol=1e-7, atol=1e-7)
     if with_bias:
-        close(out.bias, rb, rtol=1e-7, atol=1e-7)
+        close(out.bias, _reduced(rb, out.bias), rtol=1e-7, atol=1e-7)
     assert out.bias is None or with_bias
 
 
@@ -723,6 +730,6 @@ def test_property_conv_rules_are_the_dense_formula(spec, seed, with_bias) -> Non
         )
         close(out.x, rx.reshape(x.shape), rtol=1e-7, atol=1e-7)
         if rb is not None:
-            close(out.bias, rb.reshape(R.shape), rtol=1e-7, atol=1e-7)
+            close(out.bias, _reduced(rb.reshape(R.shape), out.bias), rtol=1e-7, atol=1e-7)
         rw = parameter_relevance(rule, case.map, x, w, bias, R, EPS)
         close(rw, case.weight_relevance(T), rtol=1e-7, atol=1e-7)

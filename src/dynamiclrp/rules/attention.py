@@ -27,10 +27,30 @@ from .base import OpEntry, RuleContext, saved
 from .linear import safe_divide
 
 
-def softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int) -> Tensor:
-    """``x * (R - s * sum(R))`` with ``-inf`` logits contributing zero."""
-    out = x * (r - s * r.sum(dim, keepdim=True))
-    return torch.where(torch.isneginf(x), 0.0, out).to(out.dtype)
+def softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int, masked: bool | None = None):
+    """``x * (R - s * sum(R))`` with ``-inf`` logits contributing zero.
+
+    ``masked``: whether ``x`` may hold ``-inf`` (``None``: look; on the CPU the mask is only
+    built when there is one, on a GPU that test would synchronise)."""
+    out = s * r.sum(dim, keepdim=True)
+    out = torch.sub(r, out, out=out) if _fits(out, r) else r - out
+    out = out.mul_(x) if _fits(out, x) else x * out
+    neg = _neginf(x, masked)
+    return out if neg is None else out.masked_fill_(neg, 0.0)
+
+
+def _fits(out: Tensor, other: Tensor) -> bool:
+    """Whether ``out op= other`` gives what ``out op other`` would (same shape and dtype)."""
+    return out.shape == other.shape and out.dtype == other.dtype
+
+
+def _neginf(x: Tensor, masked: bool | None) -> Tensor | None:
+    """Where ``x`` is ``-inf``, or ``None`` when it is known to hold none."""
+    if masked is False:
+        return None
+    if masked is None and x.device.type == "cpu" and not bool(torch.isneginf(x).any()):
+        return None
+    return torch.isneginf(x)
 
 
 def _softmax(ctx: RuleContext):
@@ -65,6 +85,7 @@ def sdpa_relevance(
     scale: float | None,
     eps: float,
     cp: bool = False,
+    out: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None]:
     """Relevance of ``q, k, v`` (and of an additive float mask, ``None`` otherwise) for
     ``O = softmax(scale q k^T + mask) v`` (module docstring).  ``cp`` (CP-LRP): ``P`` is a
@@ -75,8 +96,7 @@ def sdpa_relevance(
         k = k.repeat_interleave(groups, dim=-3)
         v = v.repeat_interleave(groups, dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qk = (q @ k.transpose(-1, -2)) * scale
-    s_full = qk
+    s_full = (q @ k.transpose(-1, -2)).mul_(scale)
     lq, lk = q.shape[-2], k.shape[-2]
     if is_causal:
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()  # top-left, as SDPA
@@ -86,29 +106,37 @@ def sdpa_relevance(
             s_full = s_full.masked_fill(~mask, float("-inf"))
         else:
             s_full = s_full + mask
+    # -inf only where a mask put it (or a float mask holds it): found once, used three times
+    neg = _neginf(s_full, None) if (is_causal or mask is not None) else None
     p = torch.softmax(s_full, dim=-1)
-    # A query row whose keys are all masked (a padded position) attends to nothing: torch's
-    # SDPA returns 0 there, the plain softmax NaN.
-    p = p.masked_fill(torch.isneginf(s_full).all(-1, keepdim=True), 0.0)
-    # O = P v: uniform bilinear rule
-    g = safe_divide(r, p @ v, eps)
+    if neg is not None:
+        # A query row whose keys are all masked (a padded position) attends to nothing: torch's
+        # SDPA returns 0 there, the plain softmax NaN.
+        p = p.masked_fill_(neg.all(-1, keepdim=True), 0.0)
+    # O = P v: uniform bilinear rule (O is the node's saved output when given)
+    g = safe_divide(r, p @ v if out is None else out, eps)
     if cp:  # CP-LRP: P is a constant, O = P v a linear map of v (epsilon rule)
         r_v = v * (p.transpose(-1, -2) @ g)
         if groups > 1:
             r_v = r_v.reshape(r_v.shape[:-3] + (hk, groups) + r_v.shape[-2:]).sum(-3)
         return None, None, r_v, None
-    r_p = 0.5 * p * (g @ v.transpose(-1, -2))
-    r_v = 0.5 * v * (p.transpose(-1, -2) @ g)
+    g = g * 0.5  # each factor's half, applied on the small (L, d) side
+    r_p = (g @ v.transpose(-1, -2)).mul_(p)
+    r_v = v * (p.transpose(-1, -2) @ g)
     # P = softmax(S)
-    r_s = softmax_relevance(s_full, p, r_p, -1)
+    r_s = softmax_relevance(s_full, p, r_p, -1, masked=neg is not None)
     # S = scale q k^T + mask: uniform bilinear rule on the product, the mask absorbs its share
-    g_s = torch.where(torch.isneginf(s_full), 0.0, safe_divide(r_s, s_full, eps))
+    g_s = safe_divide(r_s, s_full, eps)
+    if neg is not None:
+        g_s = g_s.masked_fill_(neg, 0.0)
     r_mask = None
     if mask is not None and mask.dtype != torch.bool:
-        r_mask = torch.where(torch.isneginf(s_full), 0.0, mask * g_s)
-    gs = g_s * scale
-    r_q = 0.5 * q * (gs @ k)
-    r_k = 0.5 * k * (gs.transpose(-1, -2) @ q)
+        r_mask = mask * g_s
+        if neg is not None:
+            r_mask = r_mask.masked_fill_(neg, 0.0)
+    half = 0.5 * scale
+    r_q = (g_s @ k).mul_(q).mul_(half)
+    r_k = (g_s.transpose(-1, -2) @ q).mul_(k).mul_(half)
     if groups > 1:
         shape = r_k.shape[:-3] + (hk, groups) + r_k.shape[-2:]
         r_k = r_k.reshape(shape).sum(-3)
@@ -129,7 +157,12 @@ def _sdpa(ctx: RuleContext):
             "random and cannot be replayed. Explain the model in eval mode (model.eval())."
         )
     cp = ctx.rules.attention == "cp"
-    rq, rk, rv, r_mask = sdpa_relevance(q, k, v, ctx.r, mask, is_causal, scale, ctx.eps, cp)
+    out = ctx.known_output()
+    if out is not None and out.shape != ctx.r.shape:
+        out = None
+    rq, rk, rv, r_mask = sdpa_relevance(
+        q, k, v, ctx.r, mask, is_causal, scale, ctx.eps, cp, out=out
+    )
     outs = [rq, rk, rv] + [None] * (ctx.n_inputs() - 3)
     if r_mask is not None:
         if ctx.n_inputs() > 3 and ctx.fn.next_functions[3][0] is not None:

@@ -41,7 +41,8 @@ class ContractionRelevance(NamedTuple):
     """What a contraction rule returns.
 
     ``x``: relevance of the data operand.  ``bias``: relevance absorbed by the bias, in ``z``'s
-    shape (``None`` when there is no bias or the rule gives it none).
+    shape summed over the dimensions the bias is broadcast along (kept as size 1; see
+    :func:`bias_share`), ``None`` when there is no bias or the rule gives it none.
     """
 
     x: Tensor
@@ -88,7 +89,22 @@ def epsilon(
             z = z + bias
     g = safe_divide(r, z, eps)
     rx = x * m.vjp_x(g, x, w)
-    return ContractionRelevance(rx, None if bias is None else bias * g)
+    return ContractionRelevance(rx, None if bias is None else bias_share(bias, g))
+
+
+def bias_share(bias: Tensor, g: Tensor) -> Tensor:
+    """``b * g``, summed over the dimensions ``b`` is broadcast along (kept as size 1): every
+    caller reduces the bias's share to the bias's shape, and ``b * sum(g)`` is one pass over ``g``
+    instead of a full-size product and its sum."""
+    if bias.numel() < g.numel():
+        shape = (1,) * (g.dim() - bias.dim()) + tuple(bias.shape)
+        return g.sum_to_size(shape) * bias.reshape(shape)
+    # an expanded view (stride 0 along the broadcast dimensions) is broadcast too
+    dims = [d for d in range(bias.dim()) if bias.stride(d) == 0 and bias.shape[d] > 1]
+    if not dims or bias.shape != g.shape:
+        return bias * g
+    narrow = tuple(slice(0, 1) if d in dims else slice(None) for d in range(bias.dim()))
+    return g.sum(dims, keepdim=True) * bias[narrow]
 
 
 def parameter_epsilon(
