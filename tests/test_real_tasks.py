@@ -10,7 +10,6 @@ values, the vocabulary, character offsets) or by the models' own ``input_ids`` p
 from __future__ import annotations
 
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -214,7 +213,7 @@ def test_resize_crop_matches_torchvision(size):
 
 
 def _cifar(path: Path, n: int = 4) -> list[int]:
-    """A CIFAR-10 python test_batch: image i has red = 255 in its top half, 0 below, green =
+    """A CIFAR-10 binary test_batch.bin: image i has red = 255 in its top half, 0 below, green =
     10 i, blue = 200."""
     data = np.zeros((n, 3, 32, 32), dtype=np.uint8)
     data[:, 0, :16] = 255
@@ -222,8 +221,8 @@ def _cifar(path: Path, n: int = 4) -> list[int]:
     data[:, 2] = 200
     labels = [3, 1, 4, 1][:n]
     path.mkdir()
-    with open(path / "test_batch", "wb") as fh:
-        pickle.dump({b"data": data.reshape(n, 3072), b"labels": labels}, fh)
+    records = np.concatenate([np.array(labels, dtype=np.uint8)[:, None], data.reshape(n, 3072)], 1)
+    records.tofile(path / "test_batch.bin")
     return labels
 
 
@@ -240,7 +239,7 @@ def _check_cifar_inputs(task, mean, std) -> None:
 
 
 def test_vit_cifar10_hf_directory(tmp_path):
-    labels = _cifar(tmp_path / "cifar-10-batches-py")
+    labels = _cifar(tmp_path / "cifar-10-batches-bin")
     cfg = transformers.ViTConfig(
         image_size=48,
         patch_size=16,
@@ -256,7 +255,7 @@ def test_vit_cifar10_hf_directory(tmp_path):
     pre = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(pre))
     task = real.build_vit_cifar10(
-        model=str(tmp_path / "vit"), data=str(tmp_path / "cifar-10-batches-py"), n_eval=3, size=48
+        model=str(tmp_path / "vit"), data=str(tmp_path / "cifar-10-batches-bin"), n_eval=3, size=48
     )
     assert task.patch == 16 and task.inputs.shape == (3, 3, 48, 48)
     _check_cifar_inputs(task, [0.5] * 3, [0.5] * 3)
@@ -266,7 +265,7 @@ def test_vit_cifar10_hf_directory(tmp_path):
     assert task.targets.tolist() == expected.tolist()
     with pytest.raises(ValueError, match="224"):
         real.build_vit_cifar10(
-            model=str(tmp_path / "vit"), data=str(tmp_path / "cifar-10-batches-py"), n_eval=2
+            model=str(tmp_path / "vit"), data=str(tmp_path / "cifar-10-batches-bin"), n_eval=2
         )
     _explain_one(task)
 

@@ -6,7 +6,7 @@ raises an error that names it and the layout that was expected.  ``REAL_TASKS[na
 builds a task; :func:`parse_spec` builds one from a command-line string::
 
     vgg16-imagenette:model=/p/vgg16-397923af.pth,data=/p/imagenette2-320/val
-    vit-cifar10:model=/p/vit-b16-cifar10,data=/p/cifar-10-batches-py
+    vit-cifar10:model=/p/vit-b16-cifar10,data=/p/cifar-10-batches-bin
     llama-imdb:model=/p/llama-3.2-1b-imdb,data=/p/aclImdb
     llama-wikipedia:model=/p/Llama-3.2-1B,data=/p/wikipedia-en-txt
     squad-qa:model=/p/roberta-large-squad2,data=/p/dev-v2.0.json

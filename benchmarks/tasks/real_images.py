@@ -8,12 +8,12 @@ runs (tests replace it there by a tiny model).
 from __future__ import annotations
 
 import json
-import pickle
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -160,16 +160,23 @@ def build_vgg16_imagenette(
 
 
 def _cifar_test(path: Path) -> tuple[Tensor, Tensor]:
-    layout = "CIFAR-10's python directory cifar-10-batches-py/ holding test_batch (or that file)"
-    f = path / "test_batch" if path.is_dir() else path
+    """CIFAR-10's test set in its *binary* version (``cifar-10-batches-bin/test_batch.bin``:
+    10,000 records of one label byte and 3,072 pixel bytes, channels first).  The python
+    version is a pickle, which this project never unpickles (a pickle can run code)."""
+    layout = (
+        "CIFAR-10's binary version: the directory cifar-10-batches-bin/ holding test_batch.bin "
+        "(or that file); the python version (a pickle) is not read, convert or download the "
+        "binary one (https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz)"
+    )
+    f = path / "test_batch.bin" if path.is_dir() else path
     if not f.is_file():
         raise FileNotFoundError(f"data: {f} does not exist; expected {layout}")
-    with open(f, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")
-    if not isinstance(batch, dict) or not {b"data", b"labels"} <= set(batch):
-        raise ValueError(f"data: {f} is not a CIFAR-10 python batch (dict with b'data', b'labels')")
-    pixels = torch.as_tensor(batch[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32)
-    return pixels.float() / 255.0, torch.as_tensor(batch[b"labels"], dtype=torch.long)
+    raw = np.fromfile(f, dtype=np.uint8)
+    if raw.size == 0 or raw.size % 3073:
+        raise ValueError(f"data: {f} is not a CIFAR-10 binary batch ({raw.size} bytes); {layout}")
+    records = torch.from_numpy(raw.reshape(-1, 3073))
+    pixels = records[:, 1:].reshape(-1, 3, 32, 32)
+    return pixels.float() / 255.0, records[:, 0].long()
 
 
 def build_vit_cifar10(

@@ -633,8 +633,10 @@ def build_minilm_similarity(quick: bool, n_eval: int) -> Task:
     from transformers import AutoTokenizer, BertModel
 
     path = _minilm_path()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = BertModel.from_pretrained(str(path), attn_implementation=ATTN).eval()
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = BertModel.from_pretrained(
+        str(path), local_files_only=True, attn_implementation=ATTN
+    ).eval()
     data = st.sentiment_data(n_eval, EVAL_SEED, prefix=(), suffix=())
     sentences = [" ".join(data.words(i)) for i in range(len(data))]
     enc = tok(sentences, padding=True, return_tensors="pt")

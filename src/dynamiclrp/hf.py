@@ -60,6 +60,7 @@ float32, or right padding there.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -310,9 +311,36 @@ def load(
     -------
     The model (``from_pretrained`` returns it in eval mode) and its tokenizer.
     """
+    if allow_download:
+        return _load(path_or_name, task, {}, use_safetensors, dtype, kwargs)
+    with _hub_offline():
+        return _load(path_or_name, task, {"local_files_only": True}, use_safetensors, dtype, kwargs)
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """``huggingface_hub``'s offline switch, on for the duration of a local load.
+
+    ``local_files_only=True`` alone still lets ``huggingface_hub`` fetch a registry from the Hub
+    to build its request headers (``utils/_detect_agent.py``, 2026); with the switch on it makes
+    no connection.  The previous value is restored on exit (another thread downloading at the
+    same moment would see the switch on)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # transformers without huggingface_hub: nothing to switch
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _load(path_or_name, task, local, use_safetensors, dtype, kwargs):
     import transformers
 
-    local = {"local_files_only": not allow_download}
     if task is None:
         config = transformers.AutoConfig.from_pretrained(path_or_name, **local)
         task = _task_from_names(list(config.architectures or []), config)
