@@ -27,7 +27,20 @@ def _copy_slices(ctx: RuleContext):
     everywhere).  Autograd does not say which op it wraps, so the gradient of ones is probed: any
     other value (``mul_(0.5)`` scales, an LRP rule would not) is refused loudly."""
     probe = ctx.fn(*(torch.ones_like(r) for r in ctx.relevance))
-    base = probe[0] if isinstance(probe, tuple) else probe
+    probe = probe if isinstance(probe, tuple) else (probe,)
+    base = probe[0]
+    # an add into the slice (y[:, 0] += v) passes the gradient to both summands: routing like it
+    # would duplicate relevance (more gradient mass than output elements)
+    mass = sum(float(p.abs().sum()) for p in probe if p is not None)
+    if mass > ctx.r.numel() * (1 + 1e-6):
+        from ..errors import UncoveredOpError
+
+        raise UncoveredOpError(
+            f"{ctx.fn.name()} (node {ctx.idx}) wraps an in-place op on a view that adds into the "
+            "elements it writes (e.g. y[:, 0] += v, addcmul_); autograd does not expose which op "
+            "it is, and routing relevance like its gradient would give both summands all of it. "
+            "Write that op out of place, e.g. y = torch.cat([y[:, :1] + v, y[:, 1:]], 1)."
+        )
     if base is not None and bool(((base != 0) & (base != 1)).any()):
         from ..errors import UncoveredOpError
 
