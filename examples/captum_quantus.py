@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quadrants import quadrant_data as make_data
+from quadrants import train
 from torch import Tensor, nn
 
 from dynamiclrp.captum import DynamicLRP, quantus_explain_func
@@ -53,16 +55,6 @@ class CNN(nn.Module):
         return self.l1(h.view(h.shape[0], -1))
 
 
-def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    x = 0.1 * torch.randn(n, 1, 16, 16, generator=generator)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    for i, k in enumerate(labels.tolist()):
-        r0, c0 = (k // 2) * 8, (k % 2) * 8
-        r, c = torch.randint(0, 5, (2,), generator=generator).tolist()
-        x[i, 0, r0 + r : r0 + r + 4, c0 + c : c0 + c + 4] += 1.0
-    return x, labels
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150, help="training steps (0: random)")
@@ -73,13 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = CNN()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(args.steps):
-        x, y = make_data(64, g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(model, args.steps, g)
     model.eval()
     x, y = make_data(args.batch, g)
     with torch.no_grad():

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+from quadrants import quadrant_data
+from quadrants import train as fit
 from torch import Tensor, nn
 
 import dynamiclrp
@@ -74,24 +76,12 @@ class GatedScanMixer(nn.Module):
 
 def make_data(n: int, generator: torch.Generator, dtype=torch.float32) -> tuple[Tensor, Tensor]:
     """Noise images with one bright 4x4 square; the label is the quadrant holding it."""
-    x = 0.1 * torch.randn(n, 1, SIZE, SIZE, generator=generator)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    for i, k in enumerate(labels.tolist()):
-        r0, c0 = (k // 2) * 8, (k % 2) * 8
-        r, c = torch.randint(0, 5, (2,), generator=generator).tolist()
-        x[i, 0, r0 + r : r0 + r + 4, c0 + c : c0 + c + 4] += 1.0
+    x, labels = quadrant_data(n, generator)
     return x.to(dtype), labels
 
 
 def train(model: nn.Module, steps: int, generator: torch.Generator) -> float:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        x, y = make_data(64, generator)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit(model, steps, generator)
     x, y = make_data(256, generator)
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()

@@ -8,20 +8,12 @@ import argparse
 import time
 
 import torch
+from quadrants import quadrant_data as make_data
+from quadrants import train
 from torch import nn
 
 import dynamiclrp
 from dynamiclrp.visualize import heatmap, save_png
-
-
-def make_data(n: int, generator: torch.Generator):
-    x = 0.1 * torch.randn(n, 1, 16, 16, generator=generator)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    for i, k in enumerate(labels.tolist()):
-        r0, c0 = (k // 2) * 8, (k % 2) * 8
-        r, c = torch.randint(0, 5, (2,), generator=generator).tolist()
-        x[i, 0, r0 + r : r0 + r + 4, c0 + c : c0 + c + 4] += 1.0
-    return x, labels
 
 
 def main():
@@ -42,15 +34,8 @@ def main():
         nn.Flatten(),
         nn.Linear(64, 4),
     )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        x, y = make_data(64, g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train(model, args.steps, g)
     x, y = make_data(256, g)
     acc = (model(x).argmax(1) == y).float().mean().item()
     print(f"trained in {time.perf_counter() - t0:.1f}s, test accuracy {acc:.2%}")

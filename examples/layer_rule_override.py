@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from quadrants import quadrant_data, train
 from torch import Tensor, nn
 
 import dynamiclrp
@@ -59,14 +60,8 @@ def make_model() -> nn.Sequential:
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Images in [0, 1]: dim noise and one bright 4x4 square; the label is its quadrant."""
-    x = 0.3 * torch.rand(n, 1, 16, 16, generator=generator)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    for i, k in enumerate(labels.tolist()):
-        r0, c0 = (k // 2) * 8, (k % 2) * 8
-        r, c = torch.randint(0, 5, (2,), generator=generator).tolist()
-        x[i, 0, r0 + r : r0 + r + 4, c0 + c : c0 + c + 4] = 1.0
-    return x, labels
+    """Images in [0, 1] (the z-box rule needs bounds): the dim background of ``quadrants``."""
+    return quadrant_data(n, generator, background="dim")
 
 
 def zbox_by_hand(x: Tensor, conv: nn.Conv2d, r_out: Tensor, eps: float) -> Tensor:
@@ -98,13 +93,7 @@ def main() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = make_model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(args.steps):
-        x, y = make_data(64, g)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(model, args.steps, g, background="dim")
     model.eval().double()
 
     recipe = (
