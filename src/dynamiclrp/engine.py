@@ -366,13 +366,16 @@ class _Run:
 
     # -- values for rules (RuleContext calls these) --------------------------------------------
 
-    def input_value(self, idx: int, slot: int) -> Tensor:
+    def _saved_input(self, idx: int, slot: int) -> Tensor | None:
+        """Input ``slot``'s value as node ``idx`` saved it, or ``None``."""
         entry = self.plan.entries[idx]
         attr = entry.saved_inputs.get(slot) if entry is not None else None
-        if attr is not None:
-            v = self.resolver.read_saved(idx, attr)
-            if v is not None:
-                return v
+        return None if attr is None else self.resolver.read_saved(idx, attr)
+
+    def input_value(self, idx: int, slot: int) -> Tensor:
+        v = self._saved_input(idx, slot)
+        if v is not None:
+            return v
         edge = self.graph.children[idx][slot]
         if edge is None:
             raise ValueRecoveryError(
@@ -388,12 +391,9 @@ class _Run:
     def known_input(self, idx: int, slot: int) -> Tensor | None:
         """Input ``slot``'s value if it costs no computation (saved by the node, a neighbour, or
         recovered already), else ``None``."""
-        entry = self.plan.entries[idx]
-        attr = entry.saved_inputs.get(slot) if entry is not None else None
-        if attr is not None:
-            v = self.resolver.read_saved(idx, attr)
-            if v is not None:
-                return v
+        v = self._saved_input(idx, slot)
+        if v is not None:
+            return v
         edge = self.graph.children[idx][slot]
         return None if edge is None else self.resolver.at_hand(edge)
 
