@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dynamiclrp.demo_models import EncoderBlock as Block  # pre-norm block, attention written out
 from dynamiclrp.evaluation.synthetic_images import SHAPES, load_digits_32, make_shapes
 from dynamiclrp.evaluation.task import Task
 
@@ -105,40 +106,6 @@ class SmallResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(self.relu(self.bn1(self.conv1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: ``softmax(q k^T / sqrt(d)) v`` per head, then a projection."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"width {dim} is not divisible by the number of heads {heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)
-        out = scores.softmax(-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` (GELU MLP)."""
-
-    def __init__(self, dim: int, heads: int, mlp: int):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
 
 
 class SmallViT(nn.Module):
