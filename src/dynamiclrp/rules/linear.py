@@ -88,6 +88,7 @@ def epsilon(
         if bias is not None:
             z = z + bias
     g = safe_divide(r, z, eps)
+    z = None  # a recomputed z is freed here (a known one stays with its owner)
     rb = None if bias is None else bias_share(bias, g)
     c = m.vjp_x(g, x, w)
     del g  # freed before the product: one activation-sized buffer fewer at the peak
