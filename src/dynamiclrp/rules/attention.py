@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .base import OpEntry, RuleContext, saved
-from .linear import safe_divide
+from .linear import fits, safe_divide
 
 
 def softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int, masked: bool | None = None):
@@ -33,15 +33,10 @@ def softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int, masked: bool | 
     ``masked``: whether ``x`` may hold ``-inf`` (``None``: look; on the CPU the mask is only
     built when there is one, on a GPU that test would synchronise)."""
     out = s * r.sum(dim, keepdim=True)
-    out = torch.sub(r, out, out=out) if _fits(out, r) else r - out
-    out = out.mul_(x) if _fits(out, x) else x * out
+    out = torch.sub(r, out, out=out) if fits(out, r) else r - out
+    out = out.mul_(x) if fits(out, x) else x * out
     neg = _neginf(x, masked)
     return out if neg is None else out.masked_fill_(neg, 0.0)
-
-
-def _fits(out: Tensor, other: Tensor) -> bool:
-    """Whether ``out op= other`` gives what ``out op other`` would (same shape and dtype)."""
-    return out.shape == other.shape and out.dtype == other.dtype
 
 
 def _neginf(x: Tensor, masked: bool | None) -> Tensor | None:

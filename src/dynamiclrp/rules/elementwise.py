@@ -48,7 +48,7 @@ from .base import (
     saved,
     sum_to_shape,
 )
-from .linear import safe_divide
+from .linear import fits, safe_divide
 
 
 def identity(ctx: RuleContext):
@@ -132,10 +132,10 @@ def _split_proportional(r: Tensor, mags: list[Tensor]) -> list[Tensor]:
     # finite * 0 anyway)
     inf = den == math.inf if den.device.type != "cpu" or bool(den.isinf().any()) else None
     g = den.masked_fill_(den == 0, 1)
-    g = torch.div(r, g, out=g) if r.shape == g.shape and r.dtype == g.dtype else r / g
+    g = torch.div(r, g, out=g) if fits(g, r) else r / g
     out = []
     for m in mags:
-        share = m.mul_(g) if m.shape == g.shape and m.dtype == g.dtype else m * g
+        share = m.mul_(g) if fits(m, g) else m * g
         out.append(share if inf is None else share.masked_fill_(inf, 0))
     return out
 

@@ -59,11 +59,17 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     return z.abs().add_(eps).copysign_(z)
 
 
+def fits(out: Tensor, other: Tensor) -> bool:
+    """Whether ``out op= other`` gives what ``out op other`` would (same shape and dtype): the
+    test every rule makes before writing a result into a fresh buffer it owns."""
+    return out.shape == other.shape and out.dtype == other.dtype
+
+
 def safe_divide(r: Tensor, z: Tensor, eps: float) -> Tensor:
     """``r / stab(z)``, written into ``stab(z)``'s fresh buffer when the shapes and dtypes allow
     (no further allocation)."""
     s = stabilize(z, eps)
-    if r.shape == s.shape and r.dtype == s.dtype:
+    if fits(s, r):
         return torch.div(r, s, out=s)
     return r / s
 
@@ -92,7 +98,7 @@ def epsilon(
     rb = None if bias is None else bias_share(bias, g)
     c = m.vjp_x(g, x, w)
     del g  # freed before the product: one activation-sized buffer fewer at the peak
-    rx = c.mul_(x) if c.shape == x.shape and c.dtype == x.dtype else x * c
+    rx = c.mul_(x) if fits(c, x) else x * c
     return ContractionRelevance(rx, rb)
 
 
