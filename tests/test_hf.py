@@ -463,7 +463,18 @@ def test_load_offline(tmp_path, bert):
 
 # -- other architectures of the zoo -------------------------------------------------------------
 
-ZOO_CAUSAL = ["gemma3", "qwen3", "mistral", "mixtral", "phi3", "gpt_neox", "falcon", "opt", "mamba"]
+ZOO_CAUSAL = [
+    "gemma3",
+    "qwen3",
+    "mistral",
+    "mixtral",
+    "phi3",
+    "gpt_neox",
+    "falcon",
+    "falcon_mqa",
+    "opt",
+    "mamba",
+]
 ZOO_CLASSIFIERS = ["deberta_v2", "distilbert", "electra"]
 
 

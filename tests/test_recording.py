@@ -140,14 +140,73 @@ def test_record_model_unfreezes_during_the_forward_only():
     torch.testing.assert_close(dynamiclrp.explain(out, x, relevance=r, recording=rec), reference)
 
 
-def test_ops_inside_cpp_composites_are_named_when_the_recording_cannot_help():
-    """SDPA's C++ math path (forced here; PyTorch takes it e.g. for some 3-D inputs) adds the
-    causal mask internally, invisible to a torch-function recording: the error says so instead
-    of suggesting record()."""
+def _sdpa_call(layout: str):
+    """Inputs and keyword arguments of one SDPA call, the mask drawn from the layout's name."""
+    torch.manual_seed(3)
+    heads_kv = 2 if layout == "gqa" else 4
+    shape = (1, 5, 8) if layout == "3d_causal" else (2, 4, 5, 8)
+    q = torch.randn(shape, dtype=D, requires_grad=True)
+    wk = torch.randn(8, 8, dtype=D)
+    kv_shape = (2, heads_kv, 5, 8) if layout != "3d_causal" else shape
+    k = (q[..., :heads_kv, :, :] if layout == "gqa" else q) @ wk
+    k = k.reshape(kv_shape)
+    kwargs = {}
+    if layout in ("3d_causal", "gqa"):
+        kwargs = dict(is_causal=True, enable_gqa=layout == "gqa")
+    elif layout == "bool_mask":
+        mask = torch.rand(5, 5) > 0.4
+        kwargs = dict(attn_mask=mask | torch.eye(5, dtype=torch.bool))
+    else:
+        kwargs = dict(attn_mask=torch.randn(5, 5, dtype=D))
+    return q, k, kwargs
+
+
+@pytest.mark.parametrize("layout", ["3d_causal", "gqa", "bool_mask", "float_mask"])
+def test_sdpa_math_path_with_a_recording_equals_the_fused_kernel(layout):
+    """SDPA's C++ math path (forced here; CUDA takes it for float32 grouped-query attention,
+    multi-query attention or 3-D inputs) adds its mask inside C++, where autograd keeps no trace of
+    it; record() rebuilds ``scores + mask`` from the call's arguments. Oracle: the fused kernel's
+    own node, explained by its own rule. With a float mask the fused rule splits ``S = x + mask``
+    by the signed epsilon rule, like a bias; the math path's add follows ``Rules.add``, so the two
+    agree with ``add="signed"`` (and an epsilon too small to differ between
+    one stabilised denominator and two). 3-D inputs, which the fused kernels refuse, are compared
+    with the same call on 4-D ones."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(1, 4, 8, dtype=D, requires_grad=True)
-    with dynamiclrp.record() as rec, sdpa_kernel(SDPBackend.MATH):
-        out = F.scaled_dot_product_attention(q, q * 1.5, q * 0.5, is_causal=True)
-    with pytest.raises(ValueRecoveryError, match="C\\+\\+ composite"):
-        dynamiclrp.explain(out, q, relevance=torch.ones_like(out), recording=rec)
+    q, k, kwargs = _sdpa_call(layout)
+    rules = dynamiclrp.Rules(add="signed", eps=1e-12) if layout == "float_mask" else "dynamiclrp"
+
+    def explain(backends, to_4d=False):
+        with dynamiclrp.record() as rec, sdpa_kernel(backends):
+            q4, k4 = (q[None], k[None]) if to_4d else (q, k)
+            out = F.scaled_dot_product_attention(q4, k4, k4 * 0.5 + 1.0, **kwargs)
+        r = torch.linspace(-1, 2, out.numel(), dtype=D).reshape(out.shape)
+        return out, dynamiclrp.explain(out, q, relevance=r, recording=rec, rules=rules)
+
+    math_out, math_rel = explain([SDPBackend.MATH])
+    fused_out, fused_rel = explain([SDPBackend.FLASH_ATTENTION], to_4d=q.dim() == 3)
+    assert "ScaledDotProduct" not in type(math_out.grad_fn).__name__  # really the math path
+    assert "ScaledDotProduct" in type(fused_out.grad_fn).__name__
+    torch.testing.assert_close(math_rel, fused_rel, rtol=1e-9, atol=1e-9)
+
+
+def test_sdpa_math_path_without_a_recording_asks_for_one():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, kwargs = _sdpa_call("3d_causal")
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q, k, k, **kwargs)
+    with pytest.raises(ValueRecoveryError, match=r"dynamiclrp\.record\(model\) as rec"):
+        dynamiclrp.explain(out, q, relevance=torch.ones_like(out))
+
+
+def test_an_op_the_recording_did_not_see_is_named_with_the_likely_causes():
+    """A recording of one forward pass cannot answer for another: the error says what can hide an
+    op from the recording (a C++ composite, or another forward pass)."""
+    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+    w = torch.randn(4, 4, dtype=D)
+    with dynamiclrp.record() as rec:
+        (x @ w + 1.0).sum()
+    out = (x @ w + torch.ones(4, dtype=D)).relu() @ w  # not under the recording
+    with pytest.raises(ValueRecoveryError, match="C\\+\\+ composite.*other than the one recorded"):
+        dynamiclrp.explain(out, x, relevance=torch.ones_like(out), recording=rec)

@@ -183,11 +183,10 @@ class PromiseResolver:
                 raise ValueRecoveryError(
                     f"Cannot recover the forward value of {self.graph.describe(e[0])}: it adds or "
                     "fills with a constant autograd did not record, and the recording did not see "
-                    "it either: the op ran inside a C++ composite (e.g. the math path of "
-                    "scaled_dot_product_attention, taken for inputs the fused kernels do not "
-                    "accept such as 3-D q/k/v with a mask or is_causal; use 4-D (batch, heads, "
-                    "length, dim) inputs or write the attention out in Python), or in a forward "
-                    "pass other than the one recorded."
+                    "it either: the op ran inside a C++ composite that adds or fills internally "
+                    "(the recording rebuilds only the mask add of scaled_dot_product_attention's "
+                    "math path; write other such ops out in Python), or in a forward pass other "
+                    "than the one recorded (explain the output of the pass run under record())."
                 )
             raise ValueRecoveryError(
                 f"Cannot recover the forward value of {self.graph.describe(e[0])}: one of its "

@@ -11,8 +11,12 @@ Running the forward pass under :func:`record` keeps exactly those results (and n
 
 The recording holds a copy of each recorded result (one tensor per such op: an extra activation
 for each frozen layer) until it is dropped; it changes nothing in the forward computation.  Ops
-that C++ composites create internally (the causal mask that the math path of
-``scaled_dot_product_attention`` adds, e.g. for 3-D inputs) are not visible to it.
+that C++ composites create internally are not visible to it, with one exception handled here:
+when ``scaled_dot_product_attention`` takes PyTorch's C++ math path (float32 grouped-query
+attention on CUDA, multi-query attention, 3-D inputs, a forced math backend), it adds the mask
+(``is_causal``, a boolean or a float ``attn_mask``) to the scores inside C++.  The recording
+rebuilds that sum, ``(q k^T) * scale + mask``, from the call's own arguments and keeps it for the
+``AddBackward0`` node the composite made.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .rules import OP_TABLE
+from .rules.attention import FUSED_SDPA_NODES
 from .rules.contraction import conv_has_bias
 
 
@@ -121,7 +126,26 @@ class Recording(TorchFunctionMode):
                     self._keep(t)
         if args and isinstance(args[0], Tensor) and args[0] is not out:
             self._keep(args[0])  # in-place writes (y[:, 0] = v) change their first argument
+        if func is _SDPA and isinstance(out, Tensor) and out.grad_fn is not None:
+            self._keep_sdpa_mask_add(out, args, kwargs or {})
         return out
+
+    def _keep_sdpa_mask_add(self, out: Tensor, args: tuple, kwargs: dict) -> None:
+        """Keep ``scores + mask`` for the math path of SDPA, whose mask add autograd hides."""
+        if type(out.grad_fn).__name__ in FUSED_SDPA_NODES:
+            return
+        call = _sdpa_arguments(*args, **kwargs)
+        if call["attn_mask"] is None and not call["is_causal"]:
+            return  # the math path adds nothing then
+        stops = {t.grad_fn for t in call.values() if isinstance(t, Tensor)} - {None}
+        adds = _unrecorded_adds_below(out.grad_fn, stops)
+        if len(adds) != 1:
+            return  # not the layout we know: the engine's error names the node
+        fn = adds[0]
+        with torch.no_grad():
+            value = _scores_plus_mask(**call)
+        if tuple(value.shape) == tuple(fn._input_metadata[0].shape):
+            self._values[fn] = value.to(fn._input_metadata[0].dtype)
 
     def _keep(self, t: Tensor) -> None:
         fn = t.grad_fn
@@ -147,6 +171,64 @@ class Recording(TorchFunctionMode):
             if j is not None:
                 found[(j, 0)] = value
         return found
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _sdpa_arguments(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+) -> dict:
+    return dict(
+        query=query,
+        key=key,
+        value=value,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
+
+
+def _unrecorded_adds_below(top, stops: set, budget: int = 256) -> list:
+    """The ``AddBackward0`` nodes with an unrecorded operand between ``top`` and ``stops``."""
+    found, seen, stack = [], set(), [top]
+    while stack and len(seen) < budget:
+        fn = stack.pop()
+        if fn is None or fn in seen or fn in stops:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "AddBackward0" and _has_unrecorded_input(fn):
+            found.append(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def _scores_plus_mask(query, key, value, attn_mask, is_causal, scale, enable_gqa) -> Tensor:
+    """``(q k^T) * scale + mask`` as the math path of SDPA forms it before its softmax.
+
+    A boolean mask (and ``is_causal``'s lower triangle) becomes ``0`` where attention is allowed
+    and ``-inf`` elsewhere; a float mask is added as it is.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        length, source = query.shape[-2], key.shape[-2]
+        attn_mask = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
+            ~attn_mask, float("-inf")
+        )
+    return scores + attn_mask
 
 
 def record(model: torch.nn.Module | None = None) -> Recording:

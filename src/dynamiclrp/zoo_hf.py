@@ -458,18 +458,17 @@ _causal_lm(
 )
 # Falcon-7B's multi-query attention (the config default, multi_query=True) passes a single
 # key/value head broadcast over the query heads to SDPA, which then takes its C++ math path and
-# adds the float mask where neither autograd nor the recording sees it:
-#   ValueRecoveryError: Cannot recover the forward value of AddBackward0 (node 77 of 163 in the
-#   backward graph): it adds or fills with a constant autograd did not record, and the recording
-#   did not see it either: the op ran inside a C++ composite (e.g. the math path of
-#   scaled_dot_product_attention, ...)
-GAPS["falcon_mqa"] = (
-    "Falcon-7B's multi-query attention makes SDPA take its C++ math path, which adds the mask "
-    "as an AddBackward0 constant neither autograd nor dynamiclrp.record() can see "
-    "(the grouped-query layout, entry falcon, works)"
+# adds the float mask inside C++: dynamiclrp.record() rebuilds that sum from the call's arguments.
+_causal_lm(
+    "falcon_mqa",
+    "FalconConfig",
+    "FalconForCausalLM",
+    "multi-query attention (SDPA's C++ math path)",
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
 )
-# _causal_lm("falcon_mqa", "FalconConfig", "FalconForCausalLM", "multi-query attention",
-#            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 _causal_lm(
     "opt",
     "OPTConfig",

@@ -176,6 +176,15 @@ def _sdpa_entry() -> OpEntry:
     )
 
 
+#: the nodes of SDPA's fused kernels; its C++ math path records separate ops instead
+FUSED_SDPA_NODES = (
+    "ScaledDotProductFlashAttentionForCpuBackward0",
+    "ScaledDotProductFlashAttentionBackward0",
+    "ScaledDotProductEfficientAttentionBackward0",
+    "ScaledDotProductCudnnAttentionBackward0",
+    "ScaledDotProductFusedAttentionOverrideableBackward0",
+)
+
 TABLE = {
     "SoftmaxBackward0": OpEntry(
         "softmax",
@@ -197,14 +206,5 @@ TABLE = {
         saved_outputs={0: "_saved_result"},
         replay=lambda c: (torch.log_softmax(c.inputs[0], c.saved("_saved_dim")),),
     ),
-    **{
-        n: _sdpa_entry()
-        for n in (
-            "ScaledDotProductFlashAttentionForCpuBackward0",
-            "ScaledDotProductFlashAttentionBackward0",
-            "ScaledDotProductEfficientAttentionBackward0",
-            "ScaledDotProductCudnnAttentionBackward0",
-            "ScaledDotProductFusedAttentionOverrideableBackward0",
-        )
-    },
+    **{n: _sdpa_entry() for n in FUSED_SDPA_NODES},
 }
