@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import dynamiclrp
-from dynamiclrp import GraphError, Rules, UncoveredOpError
+from dynamiclrp import GraphError, Rules, UncoveredOpError, ValueRecoveryError
 from dynamiclrp.rules import OpEntry
 
 D = torch.float64
@@ -405,16 +405,55 @@ def test_inplace_scaling_on_a_view_is_refused():
         dynamiclrp.explain(f(x), x, target=0, rules=LRP0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CopySlices wrapping `.add_(c)` of a constant has the gradient of a copy-through (1 on "
-    "the slice), so the probe cannot tell it from an identity: the constant gets no share of R "
-    "(the add rule would give it one). Needs record() to note in-place ops on views.",
-)
 def test_inplace_add_of_a_constant_on_a_view_matches_gradient_x_input():
+    """``h.t()[0:3].add_(0.5)``: ``CopySlices`` has the gradient of a copy-through there, like a
+    ``relu_`` that changed nothing, so the rule compares the values before and after the write
+    and splits ``R`` between the old value and the constant like the add rule does. The written
+    value comes from the recording (no node saved it here)."""
     x = leaf(3, 6, seed=10)
     f, _ = _inplace_net("add_")
-    rel = dynamiclrp.explain(f(x), x, target=0, rules=LRP0)
+    with pytest.raises(ValueRecoveryError, match=r"CopySlices.*in-place op on a view.*record\("):
+        dynamiclrp.explain(f(x), x, target=0, rules=LRP0)
+    with dynamiclrp.record() as rec:
+        out = f(x)
+    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
+    close_to_oracle(rel, grad_x_input(f, x, 0))
+
+
+def test_two_inplace_adds_on_views_of_one_tensor_are_both_recorded():
+    """The first write's result is never an op's argument (both views exist before it, and the
+    second write changes the tensor before anything reads it): the recording keeps each write's
+    base when the write happens."""
+    x = leaf(3, 6, seed=10)
+    model = mlp(10, bias=False)
+
+    def f(a):
+        h = model[0](a) * 1.0
+        left, right = h[:, :3], h[:, 5:]  # both views taken before either write
+        left.add_(0.5)
+        right.sub_(0.25)
+        return model[2](model[1](h))
+
+    with dynamiclrp.record() as rec:
+        out = f(x)
+    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
+    close_to_oracle(rel, grad_x_input(f, x, 0))
+
+
+def test_inplace_identity_like_write_on_a_view_passes_relevance_unchanged():
+    """A ``relu_`` on a slice that is positive everywhere has the same gradient as an add; its
+    values are unchanged, so it is routed like the gradient (LRP-0 = gradient x input)."""
+    x = leaf(3, 6, seed=10)
+    model = mlp(10, bias=False)
+
+    def f(a):
+        h = model[0](a).abs() + 1.0
+        h[:, 2:7].relu_()
+        return model[2](model[1](h))
+
+    with dynamiclrp.record() as rec:
+        out = f(x)
+    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
     close_to_oracle(rel, grad_x_input(f, x, 0))
 
 

@@ -188,11 +188,16 @@ class PromiseResolver:
                     "math path; write other such ops out in Python), or in a forward pass other "
                     "than the one recorded (explain the output of the pass run under record())."
                 )
+            what = (
+                "it is an in-place op on a view (h[:, :3].add_(c), y[:, 0] = v) whose operands "
+                "autograd does not expose"
+                if self.graph.names[e[0]] == "CopySlices"
+                else "one of its operands is a constant autograd did not record (a Python scalar, "
+                "a tensor that does not require grad, a frozen bias, a fill value)"
+            )
             raise ValueRecoveryError(
-                f"Cannot recover the forward value of {self.graph.describe(e[0])}: one of its "
-                "operands is a constant autograd did not record (a Python scalar, a tensor that "
-                "does not require grad, a frozen bias, a fill value) and no node saved the "
-                "result, but a rule upstream needs it. Run the forward pass under "
+                f"Cannot recover the forward value of {self.graph.describe(e[0])}: {what}, and "
+                "no node saved the result, but a rule needs it. Run the forward pass under "
                 "`with dynamiclrp.record(model) as rec:` and pass recording=rec to explain."
             )
         if entry is None or entry.replay is None:

@@ -124,8 +124,11 @@ class Recording(TorchFunctionMode):
             for t in out:
                 if isinstance(t, Tensor):
                     self._keep(t)
-        if args and isinstance(args[0], Tensor) and args[0] is not out:
-            self._keep(args[0])  # in-place writes (y[:, 0] = v) change their first argument
+        if args and isinstance(args[0], Tensor):
+            if args[0] is not out:
+                self._keep(args[0])  # in-place writes (y[:, 0] = v) change their first argument
+            if args[0]._base is not None:
+                self._keep(args[0]._base)  # h[:, :3].add_(c) writes into h (a CopySlices node)
         if func is _SDPA and isinstance(out, Tensor) and out.grad_fn is not None:
             self._keep_sdpa_mask_add(out, args, kwargs or {})
         return out

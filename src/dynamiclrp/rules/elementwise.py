@@ -140,7 +140,7 @@ def _split_proportional(r: Tensor, mags: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
+def split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
     """Split ``R`` of ``sum(terms)`` over the terms (proportional to |term|, or signed epsilon)."""
     r = ctx.r
     if mode == "proportional":
@@ -161,7 +161,7 @@ def add_rule(sign: float):
             outs[slot] = sum_to_shape(ctx.r, ctx.input_shape(slot))
             return outs
         a, b = _terms(ctx, sign)
-        ra, rb = _split_sum(ctx, [a, b], ctx.rules.add)
+        ra, rb = split_sum(ctx, [a, b], ctx.rules.add)
         outs = [None, None]
         for slot, rel in ((0, ra), (1, rb)):
             if ctx.fn.next_functions[slot][0] is None:
@@ -253,7 +253,7 @@ def addc_rule(combine):
         t1, t2 = _known_input(ctx, 1), _known_input(ctx, 2)
         p = None if t1 is None or t2 is None else value * combine(t1, t2)
         a, p = _fill_missing(ctx, [_known_input(ctx, 0), p], [0, 1])
-        ra, rp = _split_sum(ctx, [a, p], ctx.rules.add)
+        ra, rp = split_sum(ctx, [a, p], ctx.rules.add)
         recorded = [s for s in (1, 2) if ctx.fn.next_functions[s][0] is not None]
         n_out = math.prod(torch.broadcast_shapes(*(ctx.input_shape(s) for s in recorded)))
         shares = _product_shares(ctx, rp, (1, 2), n_out)
@@ -280,7 +280,7 @@ def lerp_rule(ctx: RuleContext):
         w = ctx.saved("_saved_weight")
     a, b = _known_input(ctx, 0), _known_input(ctx, 1)
     terms = [None if a is None else (1 - w) * a, None if b is None else w * b]
-    ra, rb = _split_sum(ctx, _fill_missing(ctx, terms, [0, 1]), ctx.rules.add)
+    ra, rb = split_sum(ctx, _fill_missing(ctx, terms, [0, 1]), ctx.rules.add)
     return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)] + [None] * (ctx.n_inputs() - 2)
 
 

@@ -25,7 +25,8 @@ def _copy_slices(ctx: RuleContext):
 
     Exact when the wrapped op copies, fills or gates elements (its gradient on the base is 0 or 1
     everywhere).  Autograd does not say which op it wraps, so the gradient of ones is probed: any
-    other value (``mul_(0.5)`` scales, an LRP rule would not) is refused loudly."""
+    other value (``mul_(0.5)`` scales, an LRP rule would not) is refused loudly, and a gradient of
+    1 everywhere is told apart from an add of a constant by the values (:func:`_unit_gradient_write`)."""
     probe = ctx.fn(*(torch.ones_like(r) for r in ctx.relevance))
     probe = probe if isinstance(probe, tuple) else (probe,)
     base = probe[0]
@@ -50,7 +51,29 @@ def _copy_slices(ctx: RuleContext):
             "is, so no LRP rule can be chosen. Write that op out of place, e.g. "
             "h = torch.cat([h[:, :3] * 0.5, h[:, 3:]], 1)."
         )
+    if base is not None and all(p is None for p in probe[1:]) and bool((base == 1).all()):
+        return _unit_gradient_write(ctx) + (None,) * (len(probe) - 1)
     return route_like_gradient(ctx)
+
+
+def _unit_gradient_write(ctx: RuleContext):
+    """A wrapped op whose gradient is 1 everywhere: an identity-like op (``relu_`` or ``clamp_``
+    changing nothing) or the add of a constant (``h[:, :3].add_(0.5)``), told apart by the values.
+
+    With ``before`` the base's value and ``delta = after - before``, ``R`` is split over the
+    summands ``before + delta`` by the add rule (``Rules.add``) and the constant's share absorbed,
+    as for an out-of-place ``x + c``; where ``delta = 0`` that gives ``before`` all of ``R``.  The
+    written value needs :func:`dynamiclrp.record` unless a consumer saved it."""
+    from .elementwise import split_sum
+
+    after = ctx.output_value(0)
+    before = ctx.input_value(0)
+    delta = after - before
+    if not bool(delta.any()):
+        return route_like_gradient(ctx)
+    r_before, r_constant = split_sum(ctx, [before, delta], ctx.rules.add)
+    ctx.absorb(r_constant)
+    return (r_before,)
 
 
 def _reshape(c: ReplayContext):
