@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run of the GPU benchmarks and checks (about 6 minutes on an H100/H200).
+# One prepared run of the GPU benchmarks and checks (about 6-7 minutes on an H100/H200).
 #
 # Run as root in the repository root, no network needed:
 #
@@ -84,7 +84,7 @@ MODELS=vgg16,resnet50,vit_b_16,bert,llama150m
 step speed_fp32 110 "$PY" benchmarks/speed.py --device "$DEVICE" --dtype float32 --models "$MODELS" \
     --batch 1,8 --seq 128,512 --repeats 5 "${EXTRA_ARGS[@]}" \
     --json "$OUT/speed_fp32.json" --out "$OUT/speed_fp32.md"
-step speed_bf16 95 "$PY" benchmarks/speed.py --device "$DEVICE" --dtype bfloat16 --models "$MODELS" \
+step speed_bf16 150 "$PY" benchmarks/speed.py --device "$DEVICE" --dtype bfloat16 --models "$MODELS" \
     --batch 1,8 --seq 128,512 --repeats 5 "${EXTRA_ARGS[@]}" \
     --json "$OUT/speed_bf16.json" --out "$OUT/speed_bf16.md"
 
@@ -94,7 +94,7 @@ step speed_llama1b 60 "$PY" benchmarks/speed.py --device "$DEVICE" --dtype bfloa
     --json "$OUT/speed_llama1b.json" --out "$OUT/speed_llama1b.md"
 
 # --- Python overhead per graph node (a chain of tiny ops) -----------------------------------------
-step overhead 35 "$PY" benchmarks/speed.py --device "$DEVICE" --overhead --nodes 1000,4000,16000 \
+step overhead 90 "$PY" benchmarks/speed.py --device "$DEVICE" --overhead --nodes 1000,4000,16000 \
     --repeats 3 "${EXTRA_ARGS[@]}" --json "$OUT/overhead.json" --out "$OUT/overhead.md"
 
 # --- one report of everything that finished -------------------------------------------------------
