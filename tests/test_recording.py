@@ -161,20 +161,20 @@ def _sdpa_call(layout: str):
     return q, k, kwargs
 
 
+@pytest.mark.parametrize("add", ["proportional", "signed"])
 @pytest.mark.parametrize("layout", ["3d_causal", "gqa", "bool_mask", "float_mask"])
-def test_sdpa_math_path_with_a_recording_equals_the_fused_kernel(layout):
+def test_sdpa_math_path_with_a_recording_equals_the_fused_kernel(layout, add):
     """SDPA's C++ math path (forced here; CUDA takes it for float32 grouped-query attention,
     multi-query attention or 3-D inputs) adds its mask inside C++, where autograd keeps no trace of
     it; record() rebuilds ``scores + mask`` from the call's arguments. Oracle: the fused kernel's
-    own node, explained by its own rule. With a float mask the fused rule splits ``S = x + mask``
-    by the signed epsilon rule, like a bias; the math path's add follows ``Rules.add``, so the two
-    agree with ``add="signed"`` (and an epsilon too small to differ between
-    one stabilised denominator and two). 3-D inputs, which the fused kernels refuse, are compared
-    with the same call on 4-D ones."""
+    own node, explained by its own rule. A float mask's add follows ``Rules.add`` in both (the
+    epsilon is too small to differ between the fused rule's one stabilised denominator and the
+    math path's two). 3-D inputs, which the fused kernels refuse, are compared with the same
+    call on 4-D ones."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, kwargs = _sdpa_call(layout)
-    rules = dynamiclrp.Rules(add="signed", eps=1e-12) if layout == "float_mask" else "dynamiclrp"
+    rules = dynamiclrp.Rules(add=add, eps=1e-12)
 
     def explain(backends, to_4d=False):
         with dynamiclrp.record() as rec, sdpa_kernel(backends):

@@ -9,7 +9,8 @@ Log-softmax ``y = x - logsumexp(x)``, the same first-order rule normalised by th
 
 Scaled-dot-product attention (every fused node: CPU flash, CUDA flash, efficient, cuDNN) is
 decomposed into its three steps and the rules above:
-``S = scale * q k^T + mask`` (bilinear uniform rule, the mask absorbs its share like a bias),
+``S = scale * q k^T + mask`` (bilinear uniform rule; a float mask takes its share of the add as
+``Rules.add`` says, as on PyTorch's math path, and absorbs it),
 ``P = softmax(S)`` (softmax rule), ``O = P v`` (bilinear uniform rule).  Grouped-query attention
 (fewer key/value heads) is expanded for the computation and summed back.  With
 ``Rules.attention = "cp"`` (CP-LRP) ``P`` is a constant: ``R_v = v * P^T (R / stab(P v))``, and
@@ -23,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import OpEntry, RuleContext, saved
+from .base import OpEntry, RuleContext, ratio, saved
 from .linear import fits, safe_divide
 
 
@@ -81,10 +82,15 @@ def sdpa_relevance(
     eps: float,
     cp: bool = False,
     out: Tensor | None = None,
+    add: str = "signed",
 ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None]:
     """Relevance of ``q, k, v`` (and of an additive float mask, ``None`` otherwise) for
     ``O = softmax(scale q k^T + mask) v`` (module docstring).  ``cp`` (CP-LRP): ``P`` is a
-    constant, ``R_v = v * P^T (R / stab(P v))`` and ``q``, ``k``, the mask get nothing."""
+    constant, ``R_v = v * P^T (R / stab(P v))`` and ``q``, ``k``, the mask get nothing.
+    ``add`` (``Rules.add``) splits ``R_S`` of ``S = x + mask`` (``x = scale q k^T``) as every
+    other add: ``"signed"`` like a bias of the product (``R_x = x R_S / stab(S)``),
+    ``"proportional"`` by magnitude (``R_x = |x| R_S / (|x| + |mask|)``, then over
+    ``stab(x)``), as the math path's separate add does."""
     hq, hk = q.shape[-3] if q.dim() > 2 else 1, k.shape[-3] if k.dim() > 2 else 1
     groups = hq // hk
     if groups > 1:
@@ -92,6 +98,8 @@ def sdpa_relevance(
         v = v.repeat_interleave(groups, dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s_full = (q @ k.transpose(-1, -2)).mul_(scale)
+    by_magnitude = add == "proportional" and mask is not None and mask.dtype != torch.bool
+    x = s_full.clone() if by_magnitude else None  # the product before the mask
     lq, lk = q.shape[-2], k.shape[-2]
     if is_causal:
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()  # top-left, as SDPA
@@ -121,14 +129,21 @@ def sdpa_relevance(
     # P = softmax(S)
     r_s = softmax_relevance(s_full, p, r_p, -1, masked=neg is not None)
     # S = scale q k^T + mask: uniform bilinear rule on the product, the mask absorbs its share
-    g_s = safe_divide(r_s, s_full, eps)
+    r_mask = None
+    if by_magnitude:
+        ax = x.abs()
+        den = ax + mask.abs()
+        r_x = r_s * ratio(ax, den)  # 0 where both are 0, and where the mask is -inf
+        r_mask = r_s - r_x
+        g_s = safe_divide(r_x, x, eps)
+    else:
+        g_s = safe_divide(r_s, s_full, eps)
     if neg is not None:
         g_s = g_s.masked_fill_(neg, 0.0)
-    r_mask = None
-    if mask is not None and mask.dtype != torch.bool:
+    if mask is not None and mask.dtype != torch.bool and not by_magnitude:
         r_mask = mask * g_s
-        if neg is not None:
-            r_mask = r_mask.masked_fill_(neg, 0.0)
+    if r_mask is not None and neg is not None:
+        r_mask = r_mask.masked_fill_(neg, 0.0)
     half = 0.5 * scale
     r_q = (g_s @ k).mul_(q).mul_(half)
     r_k = (g_s.transpose(-1, -2) @ q).mul_(k).mul_(half)
@@ -156,7 +171,7 @@ def _sdpa(ctx: RuleContext):
     if out is not None and out.shape != ctx.r.shape:
         out = None
     rq, rk, rv, r_mask = sdpa_relevance(
-        q, k, v, ctx.r, mask, is_causal, scale, ctx.eps, cp, out=out
+        q, k, v, ctx.r, mask, is_causal, scale, ctx.eps, cp, out=out, add=ctx.rules.add
     )
     outs = [rq, rk, rv] + [None] * (ctx.n_inputs() - 3)
     if r_mask is not None:
