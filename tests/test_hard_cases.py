@@ -395,14 +395,31 @@ def test_inplace_copy_or_activation_on_a_view_matches_gradient_x_input(op):
     close_to_oracle(rel, grad_x_input(f, x, 0))
 
 
-def test_inplace_scaling_on_a_view_is_refused():
+def test_inplace_scaling_on_a_view_by_a_constant_works_and_other_ops_are_refused():
     """``h[:, :3].mul_(0.5)``: routing like the gradient would halve the relevance there (an LRP
     rule passes a rescaling on unchanged), and autograd does not say which op ``CopySlices``
-    wraps: the probe of its gradient finds the scale and the call is refused."""
+    wraps. The rule checks from the values that the write is the gradient times the old value
+    (a constant factor: relevance unchanged); the written value needs the recording here. A
+    non-linear in-place op on a view (``tanh_()``) is refused."""
     x = leaf(3, 6, seed=10)
     f, _ = _inplace_net("mul_")
-    with pytest.raises(UncoveredOpError, match=r"CopySlices[\s\S]*out of place"):
+    with pytest.raises(ValueRecoveryError, match=r"CopySlices.*in-place op on a view.*record\("):
         dynamiclrp.explain(f(x), x, target=0, rules=LRP0)
+    with dynamiclrp.record() as rec:
+        out = f(x)
+    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
+    close_to_oracle(rel, grad_x_input(f, x, 0))
+    model = mlp(10, bias=False)
+
+    def g(a):
+        h = model[0](a) * 1.0
+        h[:, 0:3].tanh_()
+        return model[2](model[1](h))
+
+    with dynamiclrp.record() as rec:
+        out = g(x)
+    with pytest.raises(UncoveredOpError, match=r"CopySlices[\s\S]*not a multiply by a constant"):
+        dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
 
 
 def test_inplace_add_of_a_constant_on_a_view_matches_gradient_x_input():

@@ -133,28 +133,15 @@ def test_route_equals_vector_jacobian_product(name: str) -> None:
     assert abs(rep.residual) < 1e-10
 
 
-_NO_REPLAY = pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN GAP: as_strided has no replay and dynamiclrp.record() does not keep it: a rule "
-    "needing its value raises (CopySlices, also without replay, is kept by record())",
-)
-REPLAY_XFAIL = {
-    "as_strided": _NO_REPLAY,
-    "as_strided_overlap": _NO_REPLAY,
-}
-
-
-def _replay_cases():
-    return [pytest.param(n, marks=REPLAY_XFAIL.get(n, ())) for n in UNARY_ROUTES]
-
-
-@pytest.mark.parametrize("name", _replay_cases())
+@pytest.mark.parametrize("name", list(UNARY_ROUTES))
 def test_route_value_recovered_for_a_downstream_add(name: str) -> None:
     """``op(x) + bias``: the bias (a Parameter of the output's shape) gets ``|b| / (|op(x)| + |b|)``
     of ``R``; the rest is routed back through the op."""
     x, f, out, R = _route_case(name, seed=1)
     bias = torch.nn.Parameter(randn(gen(2), *out.shape))
-    with dynamiclrp.record() as rec:  # masked_fill's fill value is not recorded by autograd
+    # masked_fill's fill value is not recorded by autograd; as_strided has no replay (autograd
+    # does not expose its input's geometry): the recording keeps both results
+    with dynamiclrp.record() as rec:
         # scaled so the sum is not at hand: the add recovers f(x) by replaying the route (the
         # replay rule under test), not as y - bias; the scalar product passes R on unchanged
         y = (f(x) + bias) * 1.0
@@ -306,17 +293,16 @@ def test_copy_slices_with_data_source() -> None:
     close(rx.sum() + rz.sum(), R.sum())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CopySlices routes by the gradient of the wrapped op: in-place x[:, 0] *= 2 doubles R",
-)
 def test_copy_slices_in_place_mul_is_identity() -> None:
-    """An in-place ``y[:, 0] *= 2`` on a clone is a mul by a constant: identity, like ``2 * x``."""
+    """An in-place ``y[:, 0] *= 2`` on a clone is a mul by a constant: identity, like ``2 * x``
+    (routing like the gradient would double R). The values before and after the write tell it
+    from another op; the recording keeps the written value."""
     g = gen(14)
     x, R = randn(g, 3, 4, grad=True), randn(g, 3, 4)
-    y = x.clone()
-    y[:, 0] *= 2.0
-    rx = dynamiclrp.explain(y, x, relevance=R)
+    with dynamiclrp.record() as rec:
+        y = x.clone()
+        y[:, 0] *= 2.0
+    rx = dynamiclrp.explain(y, x, relevance=R, recording=rec)
     close(rx, R)
 
 

@@ -141,15 +141,38 @@ def _split_proportional(r: Tensor, mags: list[Tensor]) -> list[Tensor]:
 
 
 def split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
-    """Split ``R`` of ``sum(terms)`` over the terms (proportional to |term|, or signed epsilon)."""
+    """Split ``R`` of ``z = sum(terms)`` over the terms: ``R |t_i| / sum_j |t_j|``
+    (``"proportional"``) or ``R t_i / stab(z)`` (``"signed"``, epsilon).
+
+    Where the signed sum cancels to rounding level (:func:`cancelled`, e.g. ``x - amax(x)`` at the
+    maximum), its shares ``+-R t_i / stab(z)`` have no meaningful sign, and with a small ``eps``
+    they cancel only in floating point further down (book residuals up to ``1e-4`` of the seed
+    at ``eps = 1e-12``); there ``R`` is split proportionally instead, which conserves exactly."""
     r = ctx.r
     if mode == "proportional":
         return _split_proportional(r, [t.abs() for t in terms])
     z = terms[0]
     for t in terms[1:]:
         z = z + t
+    mags = [t.abs() for t in terms]
+    zero = cancelled(z, sum(mags[1:], mags[0]), len(terms))
     g = safe_divide(r, z, ctx.eps)
-    return [t * g for t in terms]
+    shares = [t * g for t in terms]
+    if zero is None:
+        return shares
+    exact = _split_proportional(r, mags)
+    return [torch.where(zero, e, s) for e, s in zip(exact, shares, strict=True)]
+
+
+def cancelled(z: Tensor, magnitude: Tensor, n_terms: int) -> Tensor | None:
+    """Where a signed sum ``z`` of ``n_terms`` terms whose magnitudes add up to ``magnitude`` is 0
+    up to rounding (``|z| <= 2 n u magnitude``, ``u`` the dtype's unit roundoff, and
+    ``magnitude > 0``); ``None`` on the CPU when there is no such element."""
+    tol = 2 * n_terms * torch.finfo(z.dtype).eps
+    zero = (z.abs() <= tol * magnitude) & (magnitude > 0)
+    if z.device.type == "cpu" and not bool(zero.any()):
+        return None  # (on a GPU the test would synchronise)
+    return zero
 
 
 def add_rule(sign: float):

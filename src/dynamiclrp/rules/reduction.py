@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import OpEntry, RuleContext, ratio, saved
+from .elementwise import cancelled
 from .linear import safe_divide
 
 
@@ -36,20 +37,32 @@ def linear_reduction(forward):
 
     def rule(ctx: RuleContext):
         x = ctx.input_value(0)
-        r = ctx.r
         if ctx.rules.reduction == "proportional":
-            ax = x.abs()
-            den = forward(ctx.fn, ax)
-            g = ratio(r, den)
-            return (ax * _transpose(ctx, g),)
-        return _signed_linear(ctx, forward, x)
+            return (_proportional_linear(ctx, forward, x, ctx.r),)
+        return _signed_linear(ctx, forward, x, exact_where_cancelled=True)
 
     return rule
 
 
-def _signed_linear(ctx: RuleContext, forward, x: Tensor):
-    g = safe_divide(ctx.r, forward(ctx.fn, x), ctx.eps)
-    return (x * _transpose(ctx, g),)
+def _proportional_linear(ctx: RuleContext, forward, x: Tensor, r: Tensor) -> Tensor:
+    ax = x.abs()
+    return ax * _transpose(ctx, ratio(r, forward(ctx.fn, ax)))
+
+
+def _signed_linear(ctx: RuleContext, forward, x: Tensor, exact_where_cancelled: bool = False):
+    """``x * L^T(R / stab(L(x)))``.  With ``exact_where_cancelled`` (non-negative coefficients),
+    a group whose sum is 0 up to rounding (e.g. the sum of centred values) is split
+    proportionally instead: its signed shares would cancel only in floating point further down
+    (as for ``add="signed"``, :func:`.elementwise.split_sum`)."""
+    z = forward(ctx.fn, x)
+    zero = None
+    if exact_where_cancelled:
+        zero = cancelled(z, forward(ctx.fn, x.abs()), max(1, x.numel() // max(1, z.numel())))
+    if zero is None:
+        return (x * _transpose(ctx, safe_divide(ctx.r, z, ctx.eps)),)
+    nil = torch.zeros((), dtype=ctx.r.dtype, device=ctx.r.device)
+    signed = x * _transpose(ctx, safe_divide(torch.where(zero, nil, ctx.r), z, ctx.eps))
+    return (signed + _proportional_linear(ctx, forward, x, torch.where(zero, ctx.r, nil)),)
 
 
 def signed_linear_map(forward):

@@ -10,6 +10,7 @@ which absorb that relevance).  Max-type reductions and max-pooling route to the 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .base import OpEntry, ReplayContext, RuleContext
 
@@ -24,16 +25,17 @@ def _copy_slices(ctx: RuleContext):
     """An in-place op on a view (``h[:, :3] = v``, ``h[:, :3].relu_()``) routed like its gradient.
 
     Exact when the wrapped op copies, fills or gates elements (its gradient on the base is 0 or 1
-    everywhere).  Autograd does not say which op it wraps, so the gradient of ones is probed: any
-    other value (``mul_(0.5)`` scales, an LRP rule would not) is refused loudly, and a gradient of
-    1 everywhere is told apart from an add of a constant by the values (:func:`_unit_gradient_write`)."""
+    everywhere).  Autograd does not say which op it wraps, so the gradient of ones is probed: other
+    values are a multiply by a constant (relevance unchanged) or refused loudly
+    (:func:`_scaling_write`), and a gradient of 1 everywhere is told apart from an add of a
+    constant by the values (:func:`_unit_gradient_write`)."""
     probe = ctx.fn(*(torch.ones_like(r) for r in ctx.relevance))
     probe = probe if isinstance(probe, tuple) else (probe,)
     base = probe[0]
     # an add into the slice (y[:, 0] += v) passes the gradient to both summands: routing like it
     # would duplicate relevance (more gradient mass than output elements)
     mass = sum(float(p.abs().sum()) for p in probe if p is not None)
-    if mass > ctx.r.numel() * (1 + 1e-6):
+    if mass > ctx.r.numel() * (1 + 1e-6) and any(p is not None for p in probe[1:]):
         from ..errors import UncoveredOpError
 
         raise UncoveredOpError(
@@ -43,17 +45,35 @@ def _copy_slices(ctx: RuleContext):
             "Write that op out of place, e.g. y = torch.cat([y[:, :1] + v, y[:, 1:]], 1)."
         )
     if base is not None and bool(((base != 0) & (base != 1)).any()):
-        from ..errors import UncoveredOpError
-
-        raise UncoveredOpError(
-            f"{ctx.fn.name()} (node {ctx.idx}) wraps an in-place op on a view that scales the "
-            "elements it writes (e.g. h[:, :3].mul_(0.5)); autograd does not expose which op it "
-            "is, so no LRP rule can be chosen. Write that op out of place, e.g. "
-            "h = torch.cat([h[:, :3] * 0.5, h[:, 3:]], 1)."
-        )
+        return _scaling_write(ctx, base) + (None,) * (len(probe) - 1)
     if base is not None and all(p is None for p in probe[1:]) and bool((base == 1).all()):
         return _unit_gradient_write(ctx) + (None,) * (len(probe) - 1)
     return route_like_gradient(ctx)
+
+
+def _scaling_write(ctx: RuleContext, slope: Tensor):
+    """A wrapped op whose gradient is neither 0 nor 1 somewhere: a multiply by a constant
+    (``h[:, :3].mul_(0.5)``, ``/= t``) passes relevance on unchanged, as ``x * c`` does; any other
+    op (``tanh_()``) is refused.  Told apart by the values: a constant factor has
+    ``after = slope * before`` everywhere (``slope`` the gradient of ones).  The written value
+    needs :func:`dynamiclrp.record` unless a consumer saved it."""
+    from ..errors import UncoveredOpError
+
+    what = (
+        f"{ctx.fn.name()} (node {ctx.idx}) wraps an in-place op on a view that scales the elements "
+        "it writes (e.g. h[:, :3].mul_(0.5), tanh_()); autograd does not expose which op it is"
+    )
+    after = ctx.output_value(0)
+    before = ctx.input_value(0)
+    tol = 16 * torch.finfo(after.dtype).eps
+    scale = float(after.abs().max()) if after.numel() else 0.0
+    if not torch.allclose(after, slope.to(after.dtype) * before, rtol=tol, atol=tol * scale):
+        raise UncoveredOpError(
+            f"{what}, and it is not a multiply by a constant (the written values are not the "
+            "gradient times the old ones), so no LRP rule can be chosen. Write that op out of "
+            "place, e.g. h = torch.cat([torch.tanh(h[:, :3]), h[:, 3:]], 1)."
+        )
+    return (ctx.r,)
 
 
 def _unit_gradient_write(ctx: RuleContext):
