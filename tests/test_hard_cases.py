@@ -364,6 +364,14 @@ def test_embedding_tied_to_the_lm_head():
 # --- in-place ops on views ----------------------------------------------------------------------
 
 
+def _recorded_matches_gradient_x_input(f, x):
+    """LRP-0 of ``f`` at ``x``, its forward pass run under ``record()``, is gradient x input."""
+    with dynamiclrp.record() as rec:
+        out = f(x)
+    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
+    close_to_oracle(rel, grad_x_input(f, x, 0))
+
+
 def _inplace_net(op: str):
     model = mlp(10, bias=False)
     v = leaf(3, seed=11)
@@ -405,10 +413,7 @@ def test_inplace_scaling_on_a_view_by_a_constant_works_and_other_ops_are_refused
     f, _ = _inplace_net("mul_")
     with pytest.raises(ValueRecoveryError, match=r"CopySlices.*in-place op on a view.*record\("):
         dynamiclrp.explain(f(x), x, target=0, rules=LRP0)
-    with dynamiclrp.record() as rec:
-        out = f(x)
-    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
-    close_to_oracle(rel, grad_x_input(f, x, 0))
+    _recorded_matches_gradient_x_input(f, x)
     model = mlp(10, bias=False)
 
     def g(a):
@@ -431,10 +436,7 @@ def test_inplace_add_of_a_constant_on_a_view_matches_gradient_x_input():
     f, _ = _inplace_net("add_")
     with pytest.raises(ValueRecoveryError, match=r"CopySlices.*in-place op on a view.*record\("):
         dynamiclrp.explain(f(x), x, target=0, rules=LRP0)
-    with dynamiclrp.record() as rec:
-        out = f(x)
-    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
-    close_to_oracle(rel, grad_x_input(f, x, 0))
+    _recorded_matches_gradient_x_input(f, x)
 
 
 def test_two_inplace_adds_on_views_of_one_tensor_are_both_recorded():
@@ -451,10 +453,7 @@ def test_two_inplace_adds_on_views_of_one_tensor_are_both_recorded():
         right.sub_(0.25)
         return model[2](model[1](h))
 
-    with dynamiclrp.record() as rec:
-        out = f(x)
-    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
-    close_to_oracle(rel, grad_x_input(f, x, 0))
+    _recorded_matches_gradient_x_input(f, x)
 
 
 def test_inplace_identity_like_write_on_a_view_passes_relevance_unchanged():
@@ -468,10 +467,7 @@ def test_inplace_identity_like_write_on_a_view_passes_relevance_unchanged():
         h[:, 2:7].relu_()
         return model[2](model[1](h))
 
-    with dynamiclrp.record() as rec:
-        out = f(x)
-    rel = dynamiclrp.explain(out, x, target=0, rules=LRP0, recording=rec)
-    close_to_oracle(rel, grad_x_input(f, x, 0))
+    _recorded_matches_gradient_x_input(f, x)
 
 
 # --- integer, complex and sparse tensors --------------------------------------------------------

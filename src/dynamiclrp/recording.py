@@ -191,15 +191,10 @@ def _sdpa_arguments(
     scale=None,
     enable_gqa=False,
 ) -> dict:
-    return dict(
-        query=query,
-        key=key,
-        value=value,
-        attn_mask=attn_mask,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-    )
+    """The arguments of an SDPA call by name (dropout aside: an eval-mode math path has none)."""
+    call = dict(locals())
+    del call["dropout_p"]
+    return call
 
 
 def _unrecorded_adds_below(top, stops: set, budget: int = 256) -> list:
