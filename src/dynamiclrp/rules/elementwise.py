@@ -144,10 +144,10 @@ def split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
     """Split ``R`` of ``z = sum(terms)`` over the terms: ``R |t_i| / sum_j |t_j|``
     (``"proportional"``) or ``R t_i / stab(z)`` (``"signed"``, epsilon).
 
-    Where the signed sum cancels to rounding level (:func:`cancelled`, e.g. ``x - amax(x)`` at the
-    maximum), its shares ``+-R t_i / stab(z)`` have no meaningful sign, and with a small ``eps``
-    they cancel only in floating point further down (book residuals up to ``1e-4`` of the seed
-    at ``eps = 1e-12``); there ``R`` is split proportionally instead, which conserves exactly."""
+    Where the signed sum cancels to rounding level and below ``eps`` (:func:`cancelled`, e.g.
+    ``x - amax(x)`` at the maximum), its shares ``+-R t_i / stab(z)`` have no meaningful sign and
+    cancel only in floating point further down (book residuals up to ``1e-4`` of the seed at
+    ``eps = 1e-12``); there ``R`` is split proportionally instead, which conserves exactly."""
     r = ctx.r
     if mode == "proportional":
         return _split_proportional(r, [t.abs() for t in terms])
@@ -155,21 +155,32 @@ def split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
     for t in terms[1:]:
         z = z + t
     mags = [t.abs() for t in terms]
-    zero = cancelled(z, sum(mags[1:], mags[0]), len(terms))
+    zero = cancelled(z, sum(mags[1:], mags[0]), len(terms), ctx.eps)
     g = safe_divide(r, z, ctx.eps)
     shares = [t * g for t in terms]
+    # an infinite term (a -inf mask) takes nothing, never inf * 0 = NaN (the others get R / inf = 0)
+    if z.device.type != "cpu" or bool(z.isinf().any()):
+        inf = z.isinf()
+        shares = [s.masked_fill_(inf, 0.0) for s in shares]
     if zero is None:
         return shares
     exact = _split_proportional(r, mags)
     return [torch.where(zero, e, s) for e, s in zip(exact, shares, strict=True)]
 
 
-def cancelled(z: Tensor, magnitude: Tensor, n_terms: int) -> Tensor | None:
+def cancelled(z: Tensor, magnitude: Tensor, n_terms: int, eps: float) -> Tensor | None:
     """Where a signed sum ``z`` of ``n_terms`` terms whose magnitudes add up to ``magnitude`` is 0
     up to rounding (``|z| <= 2 n u magnitude``, ``u`` the dtype's unit roundoff, and
-    ``magnitude > 0``); ``None`` on the CPU when there is no such element."""
+    ``magnitude > 0``) and the stabiliser would not hold its shares in check (``|z| <= eps``);
+    ``None`` on the CPU when there is no such element.
+
+    The second condition keeps low precisions on the signed split they had: in bfloat16 a sum
+    within rounding of 0 is ``~1e-2`` of its terms, far above the presets' ``eps``, and switching
+    those to the proportional split moved bfloat16 maps away from float64 ones
+    (``benchmarks/precision.py``, gamma preset: median cosine 1-2e-4 -> 0.998)."""
     tol = 2 * n_terms * torch.finfo(z.dtype).eps
-    zero = (z.abs() <= tol * magnitude) & (magnitude > 0)
+    size = z.abs()
+    zero = (size <= tol * magnitude) & (size <= eps) & (magnitude > 0)
     if z.device.type == "cpu" and not bool(zero.any()):
         return None  # (on a GPU the test would synchronise)
     return zero

@@ -57,7 +57,8 @@ def _signed_linear(ctx: RuleContext, forward, x: Tensor, exact_where_cancelled: 
     z = forward(ctx.fn, x)
     zero = None
     if exact_where_cancelled:
-        zero = cancelled(z, forward(ctx.fn, x.abs()), max(1, x.numel() // max(1, z.numel())))
+        n = max(1, x.numel() // max(1, z.numel()))
+        zero = cancelled(z, forward(ctx.fn, x.abs()), n, ctx.eps)
     if zero is None:
         return (x * _transpose(ctx, safe_divide(ctx.r, z, ctx.eps)),)
     nil = torch.zeros((), dtype=ctx.r.dtype, device=ctx.r.device)
