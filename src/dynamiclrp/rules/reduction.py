@@ -51,7 +51,7 @@ def _proportional_linear(ctx: RuleContext, forward, x: Tensor, r: Tensor) -> Ten
 
 def _signed_linear(ctx: RuleContext, forward, x: Tensor, exact_where_cancelled: bool = False):
     """``x * L^T(R / stab(L(x)))``.  With ``exact_where_cancelled`` (non-negative coefficients),
-    a group whose sum is 0 up to rounding (e.g. the sum of centred values) is split
+    a group whose sum is 0 up to rounding and below eps (e.g. the sum of centred values) is split
     proportionally instead: its signed shares would cancel only in floating point further down
     (as for ``add="signed"``, :func:`.elementwise.split_sum`)."""
     z = forward(ctx.fn, x)
