@@ -78,6 +78,7 @@ done
 
 # --- correctness on CUDA (fp32, bf16, every SDPA backend) ---------------------------------------
 step gpu_check 60 "$PY" benchmarks/gpu_check.py "${CHECK_ARGS[@]}" --json "$OUT/gpu_check.json"
+step gpu_branches 30 "$PY" benchmarks/gpu_branches.py --device "$DEVICE"
 
 # --- speed and memory: CNNs / ViT at batch 1 and 8, BERT / Llama-150M at 128 and 512 tokens ------
 MODELS=vgg16,resnet50,vit_b_16,bert,llama150m
