@@ -99,7 +99,7 @@ def sdpa_relevance(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s_full = (q @ k.transpose(-1, -2)).mul_(scale)
     by_magnitude = add == "proportional" and mask is not None and mask.dtype != torch.bool
-    x = s_full.clone() if by_magnitude else None  # the product before the mask
+    x = s_full if by_magnitude else None  # the product before the mask (masking makes copies)
     lq, lk = q.shape[-2], k.shape[-2]
     if is_causal:
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()  # top-left, as SDPA

@@ -33,6 +33,7 @@ identity rule, ``R_in = R_out``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,8 +155,13 @@ def split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
     z = terms[0]
     for t in terms[1:]:
         z = z + t
-    mags = [t.abs() for t in terms]
-    zero = cancelled(z, sum(mags[1:], mags[0]), len(terms), ctx.eps)
+    mags: list[Tensor] = []  # filled only where a cancellation is looked for, reused below
+
+    def magnitude() -> Tensor:
+        mags.extend(t.abs() for t in terms)
+        return sum(mags[1:], mags[0])
+
+    zero = cancelled(z, magnitude, len(terms), ctx.eps)
     g = safe_divide(r, z, ctx.eps)
     shares = [t * g for t in terms]
     # an infinite term (a -inf mask) takes nothing, never inf * 0 = NaN (the others get R / inf = 0)
@@ -168,21 +174,28 @@ def split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
     return [torch.where(zero, e, s) for e, s in zip(exact, shares, strict=True)]
 
 
-def cancelled(z: Tensor, magnitude: Tensor, n_terms: int, eps: float) -> Tensor | None:
-    """Where a signed sum ``z`` of ``n_terms`` terms whose magnitudes add up to ``magnitude`` is 0
-    up to rounding (``|z| <= 2 n u magnitude``, ``u`` the dtype's unit roundoff, and
-    ``magnitude > 0``) and the stabiliser would not hold its shares in check (``|z| <= eps``);
-    ``None`` on the CPU when there is no such element.
+def cancelled(
+    z: Tensor, magnitude: Callable[[], Tensor], n_terms: int, eps: float
+) -> Tensor | None:
+    """Where a signed sum ``z`` of ``n_terms`` terms is 0 up to rounding (``|z| <= 2 n u m`` with
+    ``m = magnitude()`` the sum of the terms' magnitudes, ``m > 0``, and ``u`` the dtype's unit
+    roundoff) and the stabiliser would not hold its shares in check (``|z| <= eps``); ``None`` on
+    the CPU when there is no such element.  ``magnitude`` is only called where some ``|z| <= eps``
+    (always on a GPU, where that test would synchronise).
 
     The second condition keeps low precisions on the signed split they had: in bfloat16 a sum
     within rounding of 0 is ``~1e-2`` of its terms, far above the presets' ``eps``, and switching
     those to the proportional split moved bfloat16 maps away from float64 ones
     (``benchmarks/precision.py``, gamma preset: median cosine 1-2e-4 -> 0.998)."""
-    tol = 2 * n_terms * torch.finfo(z.dtype).eps
     size = z.abs()
-    zero = (size <= tol * magnitude) & (size <= eps) & (magnitude > 0)
-    if z.device.type == "cpu" and not bool(zero.any()):
-        return None  # (on a GPU the test would synchronise)
+    zero = size <= eps
+    on_cpu = z.device.type == "cpu"
+    if on_cpu and not bool(zero.any()):
+        return None
+    m = magnitude()
+    zero &= (size <= 2 * n_terms * torch.finfo(z.dtype).eps * m) & (m > 0)
+    if on_cpu and not bool(zero.any()):
+        return None
     return zero
 
 

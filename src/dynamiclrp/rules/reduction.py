@@ -58,7 +58,7 @@ def _signed_linear(ctx: RuleContext, forward, x: Tensor, exact_where_cancelled: 
     zero = None
     if exact_where_cancelled:
         n = max(1, x.numel() // max(1, z.numel()))
-        zero = cancelled(z, forward(ctx.fn, x.abs()), n, ctx.eps)
+        zero = cancelled(z, lambda: forward(ctx.fn, x.abs()), n, ctx.eps)
     if zero is None:
         return (x * _transpose(ctx, safe_divide(ctx.r, z, ctx.eps)),)
     nil = torch.zeros((), dtype=ctx.r.dtype, device=ctx.r.device)

@@ -59,19 +59,17 @@ def _scaling_write(ctx: RuleContext, slope: Tensor):
     needs :func:`dynamiclrp.record` unless a consumer saved it."""
     from ..errors import UncoveredOpError
 
-    what = (
-        f"{ctx.fn.name()} (node {ctx.idx}) wraps an in-place op on a view that scales the elements "
-        "it writes (e.g. h[:, :3].mul_(0.5), tanh_()); autograd does not expose which op it is"
-    )
     after = ctx.output_value(0)
     before = ctx.input_value(0)
     tol = 16 * torch.finfo(after.dtype).eps
     scale = float(after.abs().max()) if after.numel() else 0.0
     if not torch.allclose(after, slope.to(after.dtype) * before, rtol=tol, atol=tol * scale):
         raise UncoveredOpError(
-            f"{what}, and it is not a multiply by a constant (the written values are not the "
-            "gradient times the old ones), so no LRP rule can be chosen. Write that op out of "
-            "place, e.g. h = torch.cat([torch.tanh(h[:, :3]), h[:, 3:]], 1)."
+            f"{ctx.fn.name()} (node {ctx.idx}) wraps an in-place op on a view that scales the "
+            "elements it writes (e.g. h[:, :3].mul_(0.5), tanh_()); autograd does not expose "
+            "which op it is, and it is not a multiply by a constant (the written values are not "
+            "the gradient times the old ones), so no LRP rule can be chosen. Write that op out "
+            "of place, e.g. h = torch.cat([torch.tanh(h[:, :3]), h[:, 3:]], 1)."
         )
     return (ctx.r,)
 
