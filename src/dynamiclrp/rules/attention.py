@@ -83,14 +83,23 @@ def sdpa_relevance(
     cp: bool = False,
     out: Tensor | None = None,
     add: str = "signed",
-) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None]:
+    data: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Relevance of ``q, k, v`` (and of an additive float mask, ``None`` otherwise) for
     ``O = softmax(scale q k^T + mask) v`` (module docstring).  ``cp`` (CP-LRP): ``P`` is a
     constant, ``R_v = v * P^T (R / stab(P v))`` and ``q``, ``k``, the mask get nothing.
     ``add`` (``Rules.add``) splits ``R_S`` of ``S = x + mask`` (``x = scale q k^T``) as every
     other add: ``"signed"`` like a bias of the product (``R_x = x R_S / stab(S)``),
     ``"proportional"`` by magnitude (``R_x = |x| R_S / (|x| + |mask|)``, then over
-    ``stab(x)``), as the math path's separate add does."""
+    ``stab(x)``), as the math path's separate add does.
+
+    ``data``: whether ``q``, ``k``, ``v`` are data (a path from a data or requested input reaches
+    them).  The uniform rule halves a product's relevance only between two data factors, as for
+    the written-out ``softmax(q k^T) v``: with ``q`` and ``k`` constant, ``P`` is a constant and
+    ``v`` takes all of ``R_O`` (the ``cp`` form); with ``v`` constant, ``P`` takes all of it; of
+    ``q k^T`` with one constant factor, the other takes all of ``R_S``."""
+    dq, dk, dv = data
+    cp = cp or not (dq or dk)
     hq, hk = q.shape[-3] if q.dim() > 2 else 1, k.shape[-3] if k.dim() > 2 else 1
     groups = hq // hk
     if groups > 1:
@@ -123,9 +132,11 @@ def sdpa_relevance(
         if groups > 1:
             r_v = r_v.reshape(r_v.shape[:-3] + (hk, groups) + r_v.shape[-2:]).sum(-3)
         return None, None, r_v, None
-    g = g * 0.5  # each factor's half, applied on the small (L, d) side
+    r_v = None
+    if dv:
+        g = g * 0.5  # each factor's half, applied on the small (L, d) side
+        r_v = v * (p.transpose(-1, -2) @ g)
     r_p = (g @ v.transpose(-1, -2)).mul_(p)
-    r_v = v * (p.transpose(-1, -2) @ g)
     # P = softmax(S)
     r_s = softmax_relevance(s_full, p, r_p, -1, masked=neg is not None)
     # S = scale q k^T + mask: uniform bilinear rule on the product, the mask absorbs its share
@@ -144,13 +155,13 @@ def sdpa_relevance(
         r_mask = mask * g_s
     if r_mask is not None and neg is not None:
         r_mask = r_mask.masked_fill_(neg, 0.0)
-    half = 0.5 * scale
-    r_q = (g_s @ k).mul_(q).mul_(half)
-    r_k = (g_s.transpose(-1, -2) @ q).mul_(k).mul_(half)
+    half = 0.5 * scale if dq and dk else scale
+    r_q = (g_s @ k).mul_(q).mul_(half) if dq else None
+    r_k = (g_s.transpose(-1, -2) @ q).mul_(k).mul_(half) if dk else None
     if groups > 1:
-        shape = r_k.shape[:-3] + (hk, groups) + r_k.shape[-2:]
-        r_k = r_k.reshape(shape).sum(-3)
-        r_v = r_v.reshape(shape).sum(-3)
+        shape = k.shape[:-3] + (hk, groups) + k.shape[-2:]
+        r_k = None if r_k is None else r_k.reshape(shape).sum(-3)
+        r_v = None if r_v is None else r_v.reshape(shape).sum(-3)
     return r_q, r_k, r_v, r_mask
 
 
@@ -171,7 +182,18 @@ def _sdpa(ctx: RuleContext):
     if out is not None and out.shape != ctx.r.shape:
         out = None
     rq, rk, rv, r_mask = sdpa_relevance(
-        q, k, v, ctx.r, mask, is_causal, scale, ctx.eps, cp, out=out, add=ctx.rules.add
+        q,
+        k,
+        v,
+        ctx.r,
+        mask,
+        is_causal,
+        scale,
+        ctx.eps,
+        cp,
+        out=out,
+        add=ctx.rules.add,
+        data=(ctx.data[0], ctx.data[1], ctx.data[2]),
     )
     outs = [rq, rk, rv] + [None] * (ctx.n_inputs() - 3)
     if r_mask is not None:
