@@ -13,6 +13,7 @@ BatchNorm with ``Rules.batchnorm = "pass"``, or merged into the contraction befo
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .base import OpEntry, RuleContext, frozen_bias, sum_to_shape
 from .linear import safe_divide
@@ -27,6 +28,19 @@ def _bias_out(ctx: RuleContext, slot: int, rb, per_channel: bool = False):
     return sum_to_shape(rb, ctx.input_shape(slot))
 
 
+def _weight_share(ctx: RuleContext, scaled: Tensor, gy: Tensor, per_channel: bool = False):
+    """A requested weight ``w`` of ``y = xhat * w + b``: the rule read from the weight's side,
+    ``R_w = sum (xhat * w) * R / stab(y)`` over the dimensions ``w`` is broadcast along (outside
+    the books, like a contraction's weight).  ``scaled`` is ``xhat * w``, ``gy`` is
+    ``R / stab(y)``."""
+    if ctx.n_inputs() < 2 or ctx.fn.next_functions[1][0] is None or not ctx.wanted[1]:
+        return
+    rw = scaled * gy
+    if per_channel:
+        rw = rw.sum([d for d in range(rw.dim()) if d != 1])
+    ctx.parameter[1] = sum_to_shape(rw, ctx.input_shape(1)).to(rw.dtype)
+
+
 def _layer_norm(ctx: RuleContext):
     """``y = (x - mean) * rstd * w + b`` with the statistics held constant:
     ``R_x = x * (g - mean(g))``, ``g = w * rstd * R / stab(y)``, and the bias absorbs
@@ -39,6 +53,8 @@ def _layer_norm(ctx: RuleContext):
     scale = rstd if w is None else rstd * w
     y = (x - mean).mul_(scale) if b is None else torch.addcmul(b, x - mean, scale)
     gy = safe_divide(ctx.r, y, ctx.eps)
+    if w is not None:
+        _weight_share(ctx, (x - mean) * scale, gy)
     rb = None
     if b is not None and fn.next_functions[2][0] is not None:
         lead = tuple(range(gy.dim() - b.dim()))
@@ -81,6 +97,8 @@ def _group_norm(ctx: RuleContext):
     if b is not None:
         y = y + b
     gy = safe_divide(ctx.r, y, ctx.eps)
+    if w is not None:
+        _weight_share(ctx, xhat * wv, gy, per_channel=True)
     g = (gy * wv).reshape(n, groups, -1) * rstd
     rx = (xg * (g - g.mean(-1, keepdim=True))).reshape(shape).to(x.dtype)
     rb = None if b is None else b * gy
@@ -115,6 +133,12 @@ def batchnorm_affine(ctx: RuleContext):
 def _batch_norm(ctx: RuleContext):
     fn = ctx.fn
     if ctx.rules.batchnorm == "pass" or (ctx.partner() is not None and not fn._saved_training):
+        if ctx.wanted[1] and fn._saved_weight is not None:  # the weight read from its side
+            x = ctx.input_value(0)
+            y = ctx.output_value(0)
+            w = fn._saved_weight.view([1, -1] + [1] * (x.dim() - 2))
+            shift = ctx.input_value(2).view(w.shape) if fn.next_functions[2][0] else 0
+            _weight_share(ctx, y - shift, safe_divide(ctx.r, y, ctx.eps), per_channel=True)
         return [ctx.r, None, None]  # Zennit's Pass, or merged into the layer before it
     x = ctx.input_value(0)
     c = x.shape[1]
@@ -132,9 +156,11 @@ def _batch_norm(ctx: RuleContext):
         return _batch_norm_eval(ctx, x, scale, mean.view(per_channel), per_channel)
     y = (x - mean.view(per_channel)) * scale
     b = _affine_bias(ctx, w is not None, per_channel, y)
+    scaled = y
     if b is not None:
         y = y + b
     gy = safe_divide(ctx.r, y, ctx.eps)
+    _weight_share(ctx, scaled, gy, per_channel=True)
     g = gy * scale
     if fn._saved_training:  # batch statistics: the centring is part of the linear map
         dims = [0] + list(range(2, x.dim()))
@@ -158,6 +184,7 @@ def _batch_norm_eval(ctx: RuleContext, x, scale, mean, per_channel):
         b = ctx.input_value(2).view(per_channel)
         shift = shift + b
     g = safe_divide(ctx.r, torch.addcmul(shift, x, scale), ctx.eps)
+    _weight_share(ctx, (x - mean) * scale, g, per_channel=True)
     rb = None
     if b is not None:
         rb = b.flatten() * g.sum([d for d in range(g.dim()) if d != 1])
