@@ -59,6 +59,9 @@ NEEDS_RECORDING = {
         or (fn.next_functions[1][0] is None and fn.next_functions[2][0] is None)
     ),
     "LerpBackward0": _has_unrecorded_input,
+    # a constant member (an attention sink torch.zeros_like(s[:, :1])) that the node does not save
+    "CatBackward0": _has_unrecorded_input,
+    "StackBackward0": _has_unrecorded_input,
     "IndexAddBackward0": lambda fn: fn.next_functions[0][0] is None,
     # a Python scalar recorded nowhere: c - x, x + c, x - c as unary nodes (no replay)
     "RsubBackward1": lambda fn: True,
