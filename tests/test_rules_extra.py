@@ -505,16 +505,33 @@ def test_addcmul_with_a_parameter_factor_gives_the_product_share_to_the_data() -
 
 
 def test_addcmul_with_a_broadcast_statistic_gives_the_share_to_the_full_factor() -> None:
-    """``mean + x * rstd``-style: the per-row factor is data but broadcast, so all to ``x``."""
+    """``mean + x / std(x)``-style: the per-row factor is a parameter-free function of the full
+    factor's data (a statistic), so all of the product term's share goes to ``x``."""
     g = gen(62)
+    a, t1 = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True)
+    s = (t1.pow(2).mean(-1, keepdim=True) + 1.0).sqrt()
+    out = torch.addcdiv(a, t1, s, value=-1.5)
+    R = randn(g, 3, 4)
+    ra, r1, rs = dynamiclrp.explain(out, [a, t1, s], relevance=R, rules=SIGNED)
+    ea, ep = split_sum(R, [a.detach(), -1.5 * t1.detach() / s.detach()], SIGNED)
+    close(ra, ea)
+    close(rs, torch.zeros(3, 1, dtype=DT))
+    # t1's own share passes on unchanged below; the statistic sends it nothing
+    close(r1, ep)
+
+
+def test_addcmul_with_an_independent_broadcast_factor_shares_uniformly() -> None:
+    """A broadcast factor that is data of its own (not computed from the other factor: a gate, a
+    FiLM scale) is no statistic: the product term's share is split half and half."""
+    g = gen(64)
     a, t1, s = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True), randn(g, 3, 1, grad=True)
     out = torch.addcdiv(a, t1, s, value=-1.5)
     R = randn(g, 3, 4)
     ra, r1, rs = dynamiclrp.explain(out, [a, t1, s], relevance=R, rules=SIGNED)
     ea, ep = split_sum(R, [a.detach(), -1.5 * t1.detach() / s.detach()], SIGNED)
     close(ra, ea)
-    close(r1, ep)
-    close(rs, torch.zeros(3, 1, dtype=DT))
+    close(r1, ep / 2)
+    close(rs, (ep / 2).sum(1, keepdim=True))
 
 
 def test_addcmul_broadcast_self_and_both_broadcast_factors() -> None:
@@ -531,17 +548,19 @@ def test_addcmul_broadcast_self_and_both_broadcast_factors() -> None:
 
 
 def test_addcmul_full_is_judged_against_the_product_not_the_output() -> None:
-    """``self`` (3, 4) + ``t1`` (4,) * ``s`` (1,): ``t1`` spans the whole product term, ``s`` is a
-    broadcast statistic, so the product share goes to ``t1`` alone."""
+    """``self`` (3, 4) + ``t1`` (4,) * ``s`` (1,): ``t1`` spans the whole product term and ``s``
+    is a statistic of it (``1 / norm(t1)``), so the product share goes to ``t1`` alone (the full
+    shape is that of the product term, not of the output)."""
     g = gen(67)
-    a, t1, s = randn(g, 3, 4, grad=True), randn(g, 4, grad=True), randn(g, 1, grad=True)
+    a, t1 = randn(g, 3, 4, grad=True), randn(g, 4, grad=True)
+    s = 1 / t1.norm().reshape(1)
     out = torch.addcmul(a, t1, s)
     R = randn(g, 3, 4)
     ra, r1, rs = dynamiclrp.explain(out, [a, t1, s], relevance=R)
     ea, ep = split_sum(R, [a.detach(), t1.detach() * s.detach()], PROP)
     close(ra, ea)
-    close(r1, ep.sum(0))
     close(rs, torch.zeros(1, dtype=DT))
+    close(r1, ep.sum(0))
 
 
 def test_addcmul_of_two_constants_absorbs_the_product_share() -> None:

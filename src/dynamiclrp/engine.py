@@ -24,10 +24,9 @@ from .presets import Rules, preset
 from .promises import PromisePlan, PromiseResolver
 from .recording import Recording
 from .rules import LEAF, OP_TABLE, OpEntry, RuleContext
-from .rules.base import sum_to_shape
+from .rules.base import ReplayContext, sum_to_shape
+from .rules.contraction import conv_has_bias
 from .targets import make_seed
-
-SOURCE_NODES = {"EmbeddingBackward0"}
 
 
 @dataclass
@@ -49,6 +48,12 @@ class Plan:
     """Add-of-a-constant <-> contraction pairs, both ways (``Rules.canonize_bias``)."""
     fused_bias_slot: dict[int, int] = field(default_factory=dict)
     """For each fused add: the input slot holding the contraction's (reshaped) output."""
+    fused_chain: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    """For each fused add: the rearranging or scaling nodes between it and its contraction, top
+    first, with the slot the path takes through each."""
+    statistic: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """For element-wise products of two data factors: the factor slots that are a parameter-free
+    function of the other factor's data (:func:`_statistic_factors`)."""
 
 
 class LRP:
@@ -193,7 +198,11 @@ def make_plan(
     for v in reversed(topo):
         kids = [e[0] for e in graph.children[v] if e is not None]
         reach[v] = v in requested_nodes or any(reach[c] for c in kids)
-        data[v] = v in data_requested or _is_source(graph, v) or any(data[c] for c in kids)
+        data[v] = (
+            v in data_requested
+            or _is_source(graph, entries[v], v, reach[v])
+            or any(data[c] for c in kids)
+        )
     order = [
         v
         for v in topo
@@ -219,7 +228,8 @@ def make_plan(
     }
     first = _first_contractions(graph, entries, data, topo, earliest, first_kinds)
     merged = _batchnorm_pairs(graph, entries, data)
-    fused, fused_slot = _bias_add_pairs(graph, entries, data, reach)
+    fused, fused_slot, fused_chain = _bias_add_pairs(graph, entries, data)
+    statistic = _statistic_factors(graph, entries, data)
     return Plan(
         graph.signature,
         requested,
@@ -232,6 +242,8 @@ def make_plan(
         merged,
         fused,
         fused_slot,
+        fused_chain,
+        statistic,
     )
 
 
@@ -306,50 +318,144 @@ def _batchnorm_pairs(graph: Graph, entries, data: list[bool]) -> dict[int, int]:
     return pairs
 
 
-def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
-    """Adds of a constant (a bias that is not requested, a buffer, a scalar) to the output of a
-    bias-free contraction that nothing else consumes, through reshapes only: ``x @ W`` then
-    ``+ b`` is recorded as ``mm``, ``_unsafe_view``, ``add`` for a non-contiguous 3-D input and as
-    ``addmm`` otherwise.  Fusing them makes the explanation independent of that layout."""
+def _bias_add_pairs(graph: Graph, entries, data: list[bool]):
+    """Adds of a constant (a bias, a buffer, a scalar, a parameter) to the output of a bias-free
+    contraction with one data operand that nothing else consumes, through rearrangements only
+    (reshapes, permutes: ``OpEntry.rearranges``): ``x @ W`` then ``+ b`` is recorded as ``mm``,
+    ``_unsafe_view``, ``add`` for a non-contiguous 3-D input, as ``addmm`` otherwise, and as
+    ``bmm``, views and permutes by ``einsum``.  Fusing them makes the explanation independent of
+    that spelling.
+
+    The coefficient ``a`` with which the contraction's output enters the sum (``c - x @ W``:
+    -1, ``torch.add(c, x @ W, alpha=2)``: 2) is read from the node when the rules run
+    (:meth:`_Run.fused_coefficient`; a cached plan may serve another ``alpha``): the layer is
+    ``z = f(x, a w) + c``, an affine map with weight ``a w`` and bias ``c``."""
     pairs: dict[int, int] = {}
     slots: dict[int, int] = {}
+    chains: dict[int, tuple[int, ...]] = {}
     for v, e in enumerate(entries):
-        if e is None or e.canonize != "add":
+        if e is None or not e.sums:
             continue
         kids = graph.children[v]
         d = [s for s in (0, 1) if kids[s] is not None and data[kids[s][0]]]
-        if len(d) != 1 or (kids[1 - d[0]] is not None and reach[kids[1 - d[0]][0]]):
+        if len(d) != 1:
             continue
         edge = kids[d[0]]
         out_shape = tuple(graph.fns[v]._input_metadata[0].shape)
         if tuple(graph.fns[edge[0]]._input_metadata[edge[1]].shape) != out_shape:
             continue  # the constant is not a bias: it broadcasts the product
-        while (
-            len(graph.consumers[edge]) == 1
-            and (entries[edge[0]] or OpEntry("", None)).canonize == "reshape"
-        ):
-            edge = graph.children[edge[0]][0]
+        chain = []
+        while len(graph.consumers[edge]) == 1:
+            through = _bias_path_slot(graph, entries, edge[0])
+            if through is None:
+                break
+            chain.append((edge[0], through))
+            edge = graph.children[edge[0]][through]
         c, ce = edge[0], entries[edge[0]]
-        if ce is None or ce.canonize != "contraction" or ce.operands != (0, 1):
+        if ce is None or not ce.fuses_bias:
             continue
-        if len(graph.consumers[edge]) != 1 or _data_operand(graph, ce, data, c) != 0:
+        if len(graph.consumers[edge]) != 1 or _data_operand(graph, ce, data, c) is None:
             continue
         own_bias = [k for s, k in enumerate(graph.children[c]) if s not in ce.operands]
-        if any(k is not None and reach[k[0]] for k in own_bias):
-            continue  # its own bias was requested: keep its relevance separate
-        if ce.kind == "conv" and graph.children[c][2] is not None:
-            continue  # a convolution with its own recorded bias
+        if any(k is not None for k in own_bias) or (
+            ce.kind == "conv" and conv_has_bias(graph.fns[c])
+        ):
+            continue  # a contraction with its own bias: the add's constant is a second bias
         pairs[v], pairs[c] = c, v
         slots[v] = d[0]
-    return pairs, slots
+        chains[v] = tuple(chain)
+    return pairs, slots, chains
 
 
-def _is_source(graph: Graph, v: int) -> bool:
-    name = graph.names[v]
-    if name == LEAF:
+def _bias_path_slot(graph: Graph, entries, v: int) -> int | None:
+    """The input slot through which a node between a contraction and an added constant keeps the
+    constant a bias of the contraction, or ``None``: the node rearranges its one input (reshape,
+    permute) or may scale it by a scalar (``c + 2 * (x @ W)`` is the layer ``x @ (2 W) + c``;
+    whether the factor is a scalar is read when the rules run, ``OpEntry.coefficient``)."""
+    e = entries[v]
+    kids = graph.children[v]
+    recorded = [s for s, k in enumerate(kids) if k is not None]
+    if e is None or len(recorded) != 1:
+        return None
+    if (e.rearranges and len(kids) == 1) or e.coefficient is not None:
+        return recorded[0]
+    return None
+
+
+def _statistic_factors(graph: Graph, entries, data: list[bool]):
+    """Element-wise products of two data factors where one factor is a *statistic* of the other:
+    a parameter-free function of the tensors the other factor is a parameter-free function of
+    (``h * rsqrt(mean(h ** 2) + eps)``, ``(x - mean(x)) / std(x)``).  Returns
+    ``node -> the slots that may be the statistic`` (both when the two factors are functions of
+    the same tensors: the broadcast one is, when the rules run).
+
+    Each tensor's *frontier* is where a walk down its graph through parameter-free nodes stops: at
+    a contraction, a node that reads a parameter, a leaf or a node without a table entry (a
+    requested intermediate tensor is looked through: asking for it changes no decision).  A factor is a statistic of the other when its frontier is non-empty and inside
+    the other's.  A router gate (``softmax(x @ W_r)``), a FiLM scale (``gamma(cond)``) or a
+    squeeze-excitation gate pass through a contraction of their own, so they are data factors,
+    not statistics: the product's two factors then share its relevance (the rules decide the
+    broadcast part when they run, from the shapes)."""
+    candidates = []
+    for v, e in enumerate(entries):
+        if e is None or len(e.factors) != 2 or not data[v]:
+            continue
+        kids = [graph.children[v][s] for s in e.factors]
+        if all(k is not None and data[k[0]] for k in kids):
+            candidates.append((v, e.factors, kids))
+    if not candidates:
+        return {}
+    memo: dict[int, frozenset[int]] = {}
+
+    def stops(u: int) -> bool:
+        entry = entries[u]
+        if entry is None or entry.kind is not None:
+            return True
+        if graph.names[u] == LEAF:
+            return True
+        for k in graph.children[u]:
+            if k is not None and graph.names[k[0]] == LEAF and not data[k[0]]:
+                return True  # reads a parameter: a learned function
+        return False
+
+    def frontier(root: int) -> frozenset[int]:
+        stack = [root]
+        while stack:
+            u = stack[-1]
+            if u in memo:
+                stack.pop()
+                continue
+            if stops(u):
+                memo[u] = frozenset((u,))
+                stack.pop()
+                continue
+            kids = [k[0] for k in graph.children[u] if k is not None and data[k[0]]]
+            todo = [k for k in kids if k not in memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            memo[u] = frozenset().union(*(memo[k] for k in kids))
+        return memo[root]
+
+    found = {}
+    for v, slots, kids in candidates:
+        fa, fb = frontier(kids[0][0]), frontier(kids[1][0])
+        either = tuple(s for s, f, g in ((slots[0], fa, fb), (slots[1], fb, fa)) if f and f <= g)
+        if either:
+            found[v] = either
+    return found
+
+
+def _is_source(graph: Graph, entry: OpEntry | None, v: int, reach: bool) -> bool:
+    """A data source: a leaf that requires grad and is not a parameter, or the output of an op
+    that represents integer data (an embedding lookup, ``OpEntry.source``) whose table is a
+    requested input.  An embedding whose table is not requested is a constant lookup, like a
+    weight: ``emb(ids) * w`` gives ``w`` all of its relevance."""
+    if graph.names[v] == LEAF:
         var = graph.fns[v].variable
         return var.requires_grad and not isinstance(var, torch.nn.Parameter)
-    return name in SOURCE_NODES
+    return entry is not None and entry.source and reach
 
 
 class _Run:
@@ -363,6 +469,7 @@ class _Run:
         self.resolver = PromiseResolver(graph, plan.entries, plan.promises)
         self.ledger = Ledger()
         self.report: RelevanceReport | None = None
+        self._sent_now: list[tuple[Edge, Tensor]] = []  # given by the running rule to other edges
 
     # -- values for rules (RuleContext calls these) --------------------------------------------
 
@@ -412,7 +519,51 @@ class _Run:
 
     def bias_partner(self, idx: int) -> RuleContext | None:
         j = self.plan.fused_bias.get(idx) if self.rules.canonize_bias else None
-        return None if j is None else self._context(j, [])
+        if j is None or self.fused_coefficient(idx) is None:
+            return None  # a factor on the way is a tensor, not a scalar: not a bias
+        return self._context(j, [])
+
+    def fused_coefficient(self, idx: int) -> float | None:
+        """For a contraction or add of a fused pair: the coefficient ``a`` with which the
+        contraction's output enters the sum ``c + a * f(x, w)`` (-1 for ``c - x @ W``, the product
+        of the scalars on the way); ``None`` when a factor on the way is not a scalar."""
+        add = idx if idx in self.plan.fused_bias_slot else self.plan.fused_bias[idx]
+        slot = self.plan.fused_bias_slot[add]
+        c = self.plan.entries[add].coefficient(self.graph.fns[add], slot)
+        for node, through in self.plan.fused_chain[add]:
+            scale = self.plan.entries[node].coefficient
+            if scale is not None:
+                s = scale(self.graph.fns[node], through)
+                if s is None:
+                    return None
+                c = c * s
+        return c
+
+    def give_fused_constant(self, idx: int, relevance: Tensor) -> None:
+        """The constant's share of a fused add (see :meth:`RuleContext.give_fused_constant`)."""
+        add = self.plan.fused_bias[idx]
+        slot = 1 - self.plan.fused_bias_slot[add]
+        edge = self.graph.children[add][slot]
+        if edge is None or not self.plan.reach[edge[0]]:
+            return
+        for node, _ in reversed(self.plan.fused_chain[add]):  # into the add's layout
+            entry = self.plan.entries[node]
+            if entry.rearranges:  # a scaling passes relevance on unchanged
+                ctx = ReplayContext(self.graph.fns[node], [relevance])
+                relevance = entry.replay(ctx)[0]
+        r = sum_to_shape(relevance, self.input_shape(add, slot))
+        self._sent_now.append((edge, r))
+
+    def fused_output(self, idx: int) -> Tensor:
+        """For a contraction fused with the add above it: the add's output value in the
+        contraction's layout (the rearrangements between them undone by their own backward)."""
+        add = self.plan.fused_bias[idx]
+        z = self.resolver.value((add, 0))
+        for node, _ in self.plan.fused_chain[add]:  # the scalings are in fused_coefficient
+            if self.plan.entries[node].rearranges:
+                z = self.graph.fns[node](z)
+                z = z[0] if isinstance(z, tuple) else z
+        return z
 
     def partner(self, idx: int) -> RuleContext | None:
         j = self.plan.merged.get(idx) if self.rules.canonize_batchnorm else None
@@ -544,6 +695,9 @@ class _Run:
         for s in ctx.absorbed:
             ledger.absorbed.append(s)
             out_total.append(s)
+        for e, r in self._sent_now:  # booked as absorbed above: the edge is not data
+            _accumulate(store, e, r)
+        self._sent_now.clear()
         r_out = _total(out_total) if out_total else rel[0].new_zeros(())
         if r_in is None:  # R_in is read for the books only; R_out still serves the NaN check
             r_in = r_out if not books else r_out.new_zeros(())

@@ -50,6 +50,22 @@ class OpEntry:
     canonize: str | None = None
     """``"contraction"``: a layer a following batch norm can merge into (its output channels are
     dimension 1); ``"batchnorm"``: a batch norm that can merge into the contraction feeding it."""
+    fuses_bias: bool = False
+    """A bias-free contraction whose output, plus a constant with coefficient +1, is one affine
+    layer ``z = f(x, w) + c`` (``Rules.canonize_bias``)."""
+    coefficient: Callable | None = None
+    """For a linear op of its inputs with scalar coefficients (add, sub; a multiply or divide by a
+    Python scalar, neg): ``(fn, slot) -> c``, the coefficient with which input ``slot`` enters
+    the output (``a + alpha * b``, ``a - alpha * b``, ``c * x``), or ``None`` where that input
+    does not enter linearly with a scalar coefficient (``x * t`` for a tensor ``t``)."""
+    sums: bool = False
+    """The output is the sum of its inputs times their ``coefficient`` (add, sub)."""
+    factors: tuple[int, ...] = ()
+    """For an element-wise product (mul, div, the product term of addcmul / addcdiv): the input
+    slots of its factors, whose roles (weight, statistic, data) the plan decides."""
+    source: bool = False
+    """The output is the representation of integer data (an embedding lookup): it counts as data
+    when the table it reads from is a requested input."""
 
 
 _WRAP = 1 << 64
@@ -200,6 +216,28 @@ class RuleContext:
     def fused_data_slot(self) -> int:
         """For an add fused into the contraction below it: the slot of the contraction's output."""
         return self._engine.plan.fused_bias_slot[self.idx]
+
+    def give_fused_constant(self, relevance: Tensor) -> None:
+        """For a contraction fused with the add of a constant above it: pass the constant's share
+        (``relevance``, in this node's output shape) to that constant when it is a requested input
+        (a bias asked for in ``inputs``); the books count it as absorbed either way."""
+        self._engine.give_fused_constant(self.idx, relevance)
+
+    def fused_coefficient(self) -> float:
+        """For a contraction fused with the add of a constant above it: the coefficient ``a`` of
+        ``c + a * f(x, w)`` (-1 for ``c - x @ W``)."""
+        return self._engine.fused_coefficient(self.idx)
+
+    def fused_output(self) -> Tensor:
+        """For a contraction fused with the add of a constant above it: that add's output value,
+        in this node's output layout."""
+        return self._engine.fused_output(self.idx)
+
+    def statistic_slots(self) -> tuple[int, ...]:
+        """For an element-wise product of two data factors: the factor slots that are a
+        parameter-free function of the other factor's data (a norm's ``rsqrt(var)``), found by the
+        plan from the graph's structure; the broadcast one of them is a statistic."""
+        return self._engine.plan.statistic.get(self.idx, ())
 
     def partner(self) -> RuleContext | None:
         """With ``Rules.canonize_batchnorm``: the context of the batch norm this contraction merges

@@ -30,6 +30,7 @@ from .base import (
     saved,
     sum_to_shape,
 )
+from .elementwise import _output_or_explain, split_sum
 from .linear import (
     Epsilon,
     LinearMap,
@@ -51,16 +52,6 @@ def _swap(m: LinearMap) -> LinearMap:
     )
 
 
-def _scaled(m: LinearMap, alpha) -> LinearMap:
-    if alpha == 1:
-        return m
-    return LinearMap(
-        forward=lambda x, w: alpha * m.forward(x, w),
-        vjp_x=lambda g, x, w: m.vjp_x(alpha * g, x, w),
-        vjp_w=lambda g, x, w: m.vjp_w(alpha * g, x, w),
-    )
-
-
 def contract(
     ctx: RuleContext,
     m: LinearMap,
@@ -68,8 +59,17 @@ def contract(
     slots: tuple[int, int],
     bias_slot: int | None,
     bias_fn=None,
+    r: Tensor | None = None,
+    weight_scale: float = 1,
 ):
-    """Apply the contraction rules to ``z = m(a, b) + bias`` where ``a, b`` sit in ``slots``."""
+    """Apply the contraction rules to ``z = m(a, b) + bias`` where ``a, b`` sit in ``slots``.
+
+    ``r``: the relevance of the product term alone when the node's output is more than
+    ``m(a, b) + bias`` (``addmm`` whose added term was split off like an add); the node's output
+    value, batch-norm merging and bias fusion then do not apply.  ``weight_scale``: a scalar
+    ``a`` of ``a * f(x, w)`` (``addmm``'s ``alpha``), taken into the weight: ``f(x, a * w)``."""
+    whole = r is None
+    r = ctx.r if whole else r
     sa, sb = slots
     a, b = ctx.input_value(sa), ctx.input_value(sb)
     outs: list[Tensor | None] = [None] * ctx.n_inputs()
@@ -79,9 +79,9 @@ def contract(
     if ctx.data[sa] and ctx.data[sb]:
         held = _attention_probabilities(ctx, (sa, sb))
         if held is None:
-            outs[sa], outs[sb] = bilinear_uniform(m, a, b, ctx.r, ctx.eps)
+            outs[sa], outs[sb] = bilinear_uniform(m, a, b, r, ctx.eps)
         else:  # CP-LRP: P v with P constant, the epsilon rule on the linear map of v
-            g = safe_divide(ctx.r, m.forward(a, b), ctx.eps)
+            g = safe_divide(r, m.forward(a, b), ctx.eps)
             if held == sa:
                 outs[sb] = b * m.vjp_w(g, a, b)
             else:
@@ -92,26 +92,31 @@ def contract(
     else:
         (sx, x), (sw, w), mm = (sa, a), (sb, b), m
     rule = ctx.layer_rule(kind, w)
-    bn = ctx.partner()
+    bn = ctx.partner() if whole else None
     affine = None if bn is None else batchnorm_affine(bn)
-    fused = ctx.bias_partner()
+    fused = ctx.bias_partner() if whole else None
+    scale = ctx.fused_coefficient() if fused is not None else weight_scale
+    if scale != 1:  # the layer is c + a * f(x, w) = f(x, a * w) + c
+        w = scale * w
     if affine is not None:  # one affine contraction with the batch norm it feeds
         scale, shift = affine
         w = _merged_weight(ctx.fn, kind, w, scale)
-        bias = (shift if bias is None else bias * scale + shift).expand(ctx.r.shape)
+        bias = (shift if bias is None else bias * scale + shift).expand(r.shape)
         z = bn.known_output()
     elif fused is not None:  # one affine contraction with the constant added to its output
-        z = fused.output_value(0).reshape(ctx.r.shape)
+        z = ctx.fused_output()
         bias = z - mm.forward(x, w)  # this layer's own bias, if any, and the added constant
     else:
-        z = ctx.known_output()
+        z = ctx.known_output() if whole else None
     if isinstance(rule, Epsilon) and z is not None:
-        res = rule(mm, x, w, bias, ctx.r, ctx.eps, z=z)  # the forward value is at hand
+        res = rule(mm, x, w, bias, r, ctx.eps, z=z)  # the forward value is at hand
     else:
-        res = rule(mm, x, w, bias, ctx.r, ctx.eps)
+        res = rule(mm, x, w, bias, r, ctx.eps)
     outs[sx] = res.x
     if (affine is not None or fused is not None) and res.bias is not None:
         ctx.absorb(res.bias)  # the merged bias: this layer's and the batch norm's / constant's
+        if fused is not None:  # a requested constant (the bias of x @ W + b) gets its share
+            ctx.give_fused_constant(res.bias)
     elif bias_slot is not None and res.bias is not None and ctx.fn.next_functions[bias_slot][0]:
         if kind == "conv":  # the bias is per channel, dimension 1
             rb = res.bias.sum([d for d in range(res.bias.dim()) if d != 1])
@@ -119,7 +124,7 @@ def contract(
             rb = sum_to_shape(res.bias, ctx.input_shape(bias_slot))
         outs[bias_slot] = rb
     if ctx.wanted[sw]:
-        ctx.parameter[sw] = parameter_relevance(rule, mm, x, w, bias, ctx.r, ctx.eps)
+        ctx.parameter[sw] = parameter_relevance(rule, mm, x, w, bias, r, ctx.eps)
     return outs
 
 
@@ -146,15 +151,13 @@ def _merged_weight(fn, kind: str, w: Tensor, scale: Tensor) -> Tensor:
     return w * s.view(c_in, per, *([1] * (w.dim() - 2)))
 
 
-def _addmm_bias(beta_attr: str, a_slot: int):
-    def bias(ctx: RuleContext, a, b, m):
-        beta = getattr(ctx.fn, beta_attr, 1)
-        if ctx.fn.next_functions[0][0] is None:
-            return frozen_bias(ctx, m.forward(a, b))
-        v = ctx.input_value(0)
-        return (v if beta == 1 else beta * v).expand(ctx.r.shape)
-
-    return bias
+def _addmm_bias(ctx: RuleContext, a, b, m):
+    """``beta * c`` of ``addmm``; an unrecorded ``c`` as ``z - alpha * (a @ b)``."""
+    if ctx.fn.next_functions[0][0] is None:
+        return frozen_bias(ctx, getattr(ctx.fn, "_saved_alpha", 1) * m.forward(a, b))
+    beta = getattr(ctx.fn, "_saved_beta", 1)
+    v = ctx.input_value(0)
+    return (v if beta == 1 else beta * v).expand(ctx.r.shape)
 
 
 def conv_has_bias(fn) -> bool:
@@ -214,8 +217,33 @@ def _mm_rule(ctx: RuleContext):
 
 
 def _addmm_rule(ctx: RuleContext):
-    m = _scaled(matmul_map(), getattr(ctx.fn, "_saved_alpha", 1))
-    return contract(ctx, m, "dense", (1, 2), 0, _addmm_bias("_saved_beta", 1))
+    """``z = beta * c + alpha * (a @ b)``, explained as its expansion ``beta * c + alpha * a @ b``.
+
+    With one data factor and a constant ``c``, ``beta * c`` is the bias of the layer
+    ``f(x, alpha * w)`` (as the fused ``c + alpha * (x @ W)``): the contraction rule with ``z``
+    the full output.  Otherwise (``c`` is data, or both factors are) ``R`` is split over the
+    summands ``beta * c`` and ``alpha * a @ b`` like add (``Rules.add``), a constant ``c``
+    absorbing its share, and the product term's share goes through the contraction rule without a
+    bias (``alpha`` passes it on, as ``alpha * x`` does)."""
+    alpha = getattr(ctx.fn, "_saved_alpha", 1)
+    m = matmul_map()
+    if not ctx.data[0] and ctx.data[1] + ctx.data[2] == 1:
+        return contract(ctx, m, "dense", (1, 2), 0, _addmm_bias, weight_scale=alpha)
+    beta = getattr(ctx.fn, "_saved_beta", 1)
+    p = m.forward(ctx.input_value(1), ctx.input_value(2))
+    p = p if alpha == 1 else alpha * p
+    if ctx.fn.next_functions[0][0] is None:
+        c = _output_or_explain(ctx, 0) - p
+    else:
+        c = ctx.input_value(0)
+        c = (c if beta == 1 else beta * c).expand(p.shape)
+    rc, rp = split_sum(ctx, [c, p], ctx.rules.add)
+    outs = contract(ctx, m, "dense", (1, 2), None, r=rp)  # alpha passes R on, as x * alpha does
+    if ctx.fn.next_functions[0][0] is None:
+        ctx.absorb(rc)
+    else:
+        outs[0] = sum_to_shape(rc, ctx.input_shape(0))
+    return outs
 
 
 def _conv_rule(ctx: RuleContext):
@@ -241,6 +269,7 @@ def _product(rule, first: str, second: str, canonize: str | None = None) -> OpEn
         kind="dense",
         operands=(0, 1),
         canonize=canonize,
+        fuses_bias=True,
     )
 
 
@@ -275,5 +304,6 @@ TABLE = {
         kind="conv",
         operands=(0, 1),
         canonize="contraction",
+        fuses_bias=True,
     ),
 }

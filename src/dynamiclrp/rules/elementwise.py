@@ -11,12 +11,14 @@ Binary, with broadcasting (``sum_to_shape`` undoes it, as the gradient does):
   ``out - a`` when the sum's value is known, and absorbs its share like a bias.  (Ops that do
   record a scalar separately, ``AddBackward1`` / ``RsubBackward1``, use the identity rule.)
 - ``mul`` / ``div`` of two data operands: uniform rule, ``R_a = R_b = R / 2`` (AttnLRP).  An operand
-  broadcast over dimensions the other spans (a per-row statistic such as ``rsqrt(var)``) counts as
-  constant, so all relevance goes to the full-shape operand (AttnLRP's identity rule for normalisers
-  written out of primitives); if both are broadcast, half each.  Times a constant: ``R_x = R``.
-  With ``Rules.gates = "constant"`` (CP-LRP) a full-shape operand produced by an element-wise
-  activation (``silu(gate) * up``, looking through reshapes and casts) is a constant gate when the
-  other is not: all relevance to the other.
+  broadcast over dimensions the other spans that is a *statistic* of the other (a parameter-free
+  function of its data, such as ``rsqrt(mean(h ** 2))``, decided by the plan from the graph's
+  structure) counts as constant, so all relevance goes to the full-shape operand (AttnLRP's
+  identity rule for normalisers written out of primitives); a broadcast gate computed by a layer
+  of its own (a router, FiLM) shares uniformly.  Times a weight (an operand no data reaches):
+  ``R_x = R``.  With ``Rules.gates = "constant"`` (CP-LRP) a full-shape operand produced by an
+  element-wise activation (``silu(gate) * up``, looking through reshapes and casts) is a constant
+  gate when the other is not: all relevance to the other.
 
 Fused, split like add (``Rules.add``) over their summands, then as above:
 
@@ -64,6 +66,34 @@ def _operand(c: ReplayContext, slot: int, attr: str) -> Tensor:
 
 def _add_replay(sign: float):
     return lambda c: (c.inputs[0] + sign * _alpha(c) * c.inputs[1],)
+
+
+def _scalar_factor(divide: bool):
+    """``(fn, slot) -> c`` for a product (quotient) of input ``slot`` and a one-element constant
+    autograd did not record (``2.0 * x``, ``x / 4``); ``None`` for any other operand."""
+
+    def coefficient(fn, slot: int):
+        if slot == 1 and divide:
+            return None  # c / x is not linear in x
+        other, attr = (1, "_saved_other") if slot == 0 else (0, "_saved_self")
+        if fn.next_functions[other][0] is not None:
+            return None
+        c = getattr(fn, attr)
+        if c is None or c.numel() != 1:
+            return None
+        return 1.0 / float(c) if divide else float(c)
+
+    return coefficient
+
+
+def _coefficient(sign: float):
+    """``(fn, slot) -> c`` of ``a + sign * alpha * b``: 1 for ``a``, ``sign * alpha`` for ``b``."""
+    return lambda fn, slot: 1.0 if slot == 0 else sign * _alpha_of(fn)
+
+
+def _alpha_of(fn) -> float:
+    a = saved(fn, "_saved_alpha") if hasattr(fn, "_saved_alpha") else 1
+    return 1 if a is None else a
 
 
 def _alpha(ctx) -> float:
@@ -222,20 +252,37 @@ def add_rule(sign: float):
 
 
 def _product_shares(ctx: RuleContext, r: Tensor, slots, n_out: int) -> dict[int, Tensor]:
-    """``R`` of a product of the operands in ``slots`` (``n_out`` elements): uniform between two
-    full-shape data operands, else all to the full-shape data one (module docstring)."""
+    """``R`` of a product of the factors in ``slots`` (``n_out`` elements).
+
+    - A factor no data reaches (a weight, a buffer, a constant lookup) takes nothing: the data
+      factor takes all of ``R`` (``x * c`` passes ``R`` on).  A requested weight factor gets the
+      rule read from its side, ``R_w = R`` summed to its shape, outside the books.
+    - Of two data factors, one broadcast over dimensions the other spans that is a statistic of the
+      other (a parameter-free function of its data, found by the plan: ``rsqrt(mean(h ** 2))``)
+      takes nothing: AttnLRP's identity rule for normalisers written out of primitives.
+    - Otherwise the two data factors share ``R`` uniformly (AttnLRP), a gate computed by a layer of
+      its own (``expert_out * gate``, FiLM's ``h * gamma(cond)``) included; with
+      ``Rules.gates = "constant"`` (CP-LRP) a full-shape factor produced by an element-wise
+      activation is a constant gate when the other is not."""
     present = [s for s in slots if ctx.fn.next_functions[s][0] is not None]
     receivers = [s for s in present if ctx.data[s]] or present
     if len(receivers) == 2:
         full = [s for s in receivers if math.prod(ctx.input_shape(s)) == n_out]
-        if len(full) == 1:  # the other is broadcast over dims this one spans: a statistic
+        stats = [s for s in ctx.statistic_slots() if s not in full]
+        if len(full) == 1 and stats:  # the broadcast factor is a statistic of the other
             receivers = full
         elif ctx.rules.gates == "constant":  # CP-LRP: an activation's output is a constant gate
             gates = [s for s in receivers if ctx.producer(s, PASS_THROUGH) in ACTIVATIONS]
-            if len(gates) == 1:
+            if len(gates) == 1 and math.prod(ctx.input_shape(gates[0])) == n_out:
                 receivers = [s for s in receivers if s != gates[0]]
     share = r if len(receivers) == 1 else r * 0.5
-    return {s: sum_to_shape(share, ctx.input_shape(s)) for s in receivers}
+    out = {s: sum_to_shape(share, ctx.input_shape(s)) for s in receivers}
+    for s in present:
+        if (
+            s not in out and ctx.wanted[s] and not ctx.data[s]
+        ):  # a requested weight, read from its side
+            ctx.parameter[s] = sum_to_shape(r, ctx.input_shape(s))
+    return out
 
 
 def product_rule(ctx: RuleContext):
@@ -331,13 +378,14 @@ def lerp_rule(ctx: RuleContext):
     return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)] + [None] * (ctx.n_inputs() - 2)
 
 
-def _unary(replay=None, saved_inputs=None, saved_outputs=None) -> OpEntry:
+def _unary(replay=None, saved_inputs=None, saved_outputs=None, coefficient=None) -> OpEntry:
     return OpEntry(
         "elementwise-unary",
         identity,
         replay=replay,
         saved_inputs=saved_inputs or {},
         saved_outputs=saved_outputs or {},
+        coefficient=coefficient,
     )
 
 
@@ -356,14 +404,16 @@ TABLE = {
         "elementwise-binary",
         add_rule(1.0),
         needs_values=True,
-        canonize="add",
+        coefficient=_coefficient(1.0),
+        sums=True,
         replay=_add_replay(1.0),
     ),
     "SubBackward0": OpEntry(
         "elementwise-binary",
         add_rule(-1.0),
         needs_values=True,
-        canonize="add",
+        coefficient=_coefficient(-1.0),
+        sums=True,
         replay=_add_replay(-1.0),
     ),
     "MulBackward0": OpEntry(
@@ -371,20 +421,30 @@ TABLE = {
         product_rule,
         saved_inputs={0: "_saved_self", 1: "_saved_other"},
         replay=lambda c: (_operand(c, 0, "_saved_self") * _operand(c, 1, "_saved_other"),),
+        factors=(0, 1),
+        coefficient=_scalar_factor(divide=False),
     ),
     "DivBackward0": OpEntry(
         "elementwise-binary",
         product_rule,
         saved_inputs={0: "_saved_self", 1: "_saved_other"},
         replay=lambda c: (_operand(c, 0, "_saved_self") / _operand(c, 1, "_saved_other"),),
+        factors=(0, 1),
+        coefficient=_scalar_factor(divide=True),
     ),
     # a Python scalar operand: an element-wise map of one tensor
     "AddBackward1": _unary(),
     "SubBackward1": _unary(),
     "RsubBackward1": _unary(),
-    "MulBackward1": _unary(lambda c: (c.inputs[0] * c.saved("_saved_other"),)),
-    "DivBackward1": _unary(lambda c: (c.inputs[0] / c.saved("_saved_other"),)),
-    "NegBackward0": _unary(lambda c: (-c.inputs[0],)),
+    "MulBackward1": _unary(
+        lambda c: (c.inputs[0] * c.saved("_saved_other"),),
+        coefficient=lambda fn, slot: float(fn._saved_other),
+    ),
+    "DivBackward1": _unary(
+        lambda c: (c.inputs[0] / c.saved("_saved_other"),),
+        coefficient=lambda fn, slot: 1.0 / float(fn._saved_other),
+    ),
+    "NegBackward0": _unary(lambda c: (-c.inputs[0],), coefficient=lambda fn, slot: -1.0),
     "ReluBackward0": _result_op(lambda c: (torch.relu(c.inputs[0]),)),
     "SigmoidBackward0": _result_op(lambda c: (torch.sigmoid(c.inputs[0]),)),
     "TanhBackward0": _result_op(lambda c: (torch.tanh(c.inputs[0]),)),
@@ -437,6 +497,7 @@ TABLE = {
         addc_rule(torch.mul),
         needs_values=True,
         saved_inputs={1: "_saved_tensor1", 2: "_saved_tensor2"},
+        factors=(1, 2),
         replay=lambda c: (torch.addcmul(*c.inputs, value=c.saved("_saved_value")),),
     ),
     "AddcdivBackward0": OpEntry(
@@ -444,6 +505,7 @@ TABLE = {
         addc_rule(torch.div),
         needs_values=True,
         saved_inputs={1: "_saved_tensor1", 2: "_saved_tensor2"},
+        factors=(1, 2),
         replay=lambda c: (torch.addcdiv(*c.inputs, value=c.saved("_saved_value")),),
     ),
     "LerpBackward0": OpEntry(

@@ -279,8 +279,12 @@ TABLE = {
     "AminBackward0": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
     "TopkBackward0": _routing(),
     "SortBackward0": _routing(),
-    "EmbeddingBackward0": _routing(
-        lambda c: (torch.nn.functional.embedding(c.saved("_saved_indices"), c.inputs[0]),)
+    # the representation of token ids: data when its table is a requested input
+    "EmbeddingBackward0": OpEntry(
+        "routing",
+        route_like_gradient,
+        replay=lambda c: (torch.nn.functional.embedding(c.saved("_saved_indices"), c.inputs[0]),),
+        source=True,
     ),
     **{
         f"UpsampleNearest{exact}{d}DBackward0": _nearest(d, exact)
