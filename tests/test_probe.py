@@ -187,3 +187,30 @@ def test_probe_result_is_part_of_the_cached_plan():
     b = lrp.explain(f(x), x, target=0)
     assert lrp.last_plan_cached and lrp.report.probed == ["GeLUFunctionBackward"]
     close(a, b)
+
+
+def test_bloom_gelu_function_is_probed_and_matches_nn_gelu():
+    """BLOOM's MLP runs ``GeLUFunction.apply`` (node ``GeLUFunctionBackward``): a tiny random BLOOM
+    is explained, and the map equals that of the same model with ``nn.GELU("tanh")`` swapped in
+    (the identity rule either way; the constants of BLOOM's tanh formula differ in the 9th
+    digit)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BloomConfig(vocab_size=50, hidden_size=16, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(cfg).double().eval()
+    ids = torch.tensor([[1, 5, 7, 9]])
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    maps = []
+    for swap in (False, True):
+        if swap:
+            for block in model.transformer.h:
+                block.mlp.gelu_impl = torch.nn.GELU(approximate="tanh")
+        with dynamiclrp.record(model) as rec:  # ALiBi's mask add needs the recording
+            out = model(inputs_embeds=emb).logits[:, -1]
+        rel, rep = dynamiclrp.explain(
+            out, emb, target=3, rules="attnlrp", recording=rec, return_report=True
+        )
+        assert rep.probed == ([] if swap else ["GeLUFunctionBackward"])
+        assert abs(rep.residual) < 1e-10
+        maps.append(rel)
+    close(maps[0], maps[1], rtol=1e-6, atol=1e-9)
