@@ -176,6 +176,44 @@ def test_scatter_add_constant_self_unknown_sum_asks_for_record():
     assert abs(rep.residual) < 1e-12
 
 
+def test_scatter_add_along_the_last_dim():
+    g = gen(20)
+    x = torch.randn(3, 4, generator=g, dtype=DT).requires_grad_()
+    s = torch.randn(3, 4, generator=g, dtype=DT).requires_grad_()
+    r = torch.randn(3, 4, generator=g, dtype=DT)
+    idx = INDEX.T.contiguous()  # (3, 4), values in 0..3
+    (rx, rs), rep = dynamiclrp.explain(
+        x.scatter_add(-1, idx, s), [x, s], relevance=r, return_report=True
+    )
+    ex, es = expected_split(
+        [torch.eye(12, dtype=DT), scatter_matrix((3, 4), (3, 4), idx, dim=1)], [x, s], r, PROP
+    )
+    close(rx, ex)
+    close(rs, es)
+    assert abs(rep.residual) < 1e-12
+
+
+@pytest.mark.parametrize("spelling", ["scatter_add", "index_put_accumulate"])
+def test_adding_a_constant_operand_equals_adding_it_under_every_preset(spelling):
+    """A source / values tensor without grad: autograd saves nothing of it, so it is seen summed
+    per output element, ``C = out - self``, exactly as the spelling ``x + C``."""
+    g = gen(21)
+    x = torch.randn(4, 3, generator=g, dtype=DT).requires_grad_()
+    c = torch.randn(4, 3, generator=g, dtype=DT)
+    r = torch.randn(4, 3, generator=g, dtype=DT)
+    rows = torch.tensor([0, 2, 0])
+    if spelling == "scatter_add":
+        f = lambda: x.scatter_add(0, INDEX, c)  # noqa: E731
+        C = torch.zeros(4, 3, dtype=DT).scatter_add(0, INDEX, c)
+    else:
+        f = lambda: x.index_put((rows,), c[:3], accumulate=True)  # noqa: E731
+        C = torch.zeros(4, 3, dtype=DT).index_put((rows,), c[:3], accumulate=True)
+    same_under_every_preset(f, lambda: x + C, [x], [x], r)
+    rx, rep = dynamiclrp.explain(f(), x, relevance=r, return_report=True)
+    close(rx, r * x.detach().abs() / (x.detach().abs() + C.abs()))
+    assert abs(rep.residual) < 1e-12
+
+
 # --- scatter (overwrite) -------------------------------------------------------------------------
 
 UNIQUE = torch.tensor([[0, 1, 2], [1, 2, 0]])

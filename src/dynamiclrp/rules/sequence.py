@@ -169,31 +169,6 @@ def _index_add_terms(ctx: RuleContext) -> tuple[Tensor, Tensor]:
     return out - torch.zeros_like(out).index_add(dim, index, src), src
 
 
-def _constant_source_rule(ctx: RuleContext):
-    """``index_add`` of a source that does not require grad: autograd saved neither the source nor
-    the index, so the scattered constant is seen as it enters each output element,
-    ``c = out - self`` (rebuilt from the output's value), and ``R`` is split over ``self`` and
-    ``c`` like add (``Rules.add``), exactly as for the equivalent spelling
-    ``self + torch.zeros_like(self).index_add(dim, index, alpha * source)``; ``c``'s share is
-    absorbed."""
-    from .elementwise import split_sum
-
-    a = ctx.input_value(0)
-    try:
-        out = ctx.output_value(0)
-    except ValueRecoveryError as err:
-        raise ValueRecoveryError(
-            f"{ctx.fn.name()} (node {ctx.idx}) adds a source that does not require grad, so "
-            "autograd saved neither the source nor the index, and no node saved the sum: the "
-            "add rule cannot see the source's size. Run the forward pass under `with "
-            "dynamiclrp.record() as rec:` and pass recording=rec to explain, or explain this "
-            "node's output itself."
-        ) from err
-    ra, rc = split_sum(ctx, [a, out - a], ctx.rules.add)
-    ctx.absorb(rc)
-    return [ra, None]
-
-
 def index_add_rule(ctx: RuleContext):
     """``out = self.index_add(dim, index, alpha * source)``: each output element is ``self`` plus
     the source elements scattered onto it; ``R`` is split over those summands like add
@@ -205,10 +180,12 @@ def index_add_rule(ctx: RuleContext):
     - signed: ``g = R / stab(self + S t)``, ``R_self = self * g``, ``R_source = t * G g``.
 
     An unrecorded ``self`` takes its share, which is absorbed; a source that does not require
-    grad is seen as ``out - self`` (:func:`_constant_source_rule`).  No relevance is created or lost
+    grad is seen as ``out - self`` (:func:`.summing.constant_added`).  No relevance is created or lost
     except through ``stab`` (signed) or all-zero sums (proportional)."""
-    if ctx.fn.next_functions[1][0] is None:
-        return _constant_source_rule(ctx)
+    if ctx.fn.next_functions[1][0] is None:  # saved neither source nor index: self + C
+        from .summing import constant_added
+
+        return constant_added(ctx)
     dim, index = ctx.saved("_saved_dim"), ctx.saved("_saved_index")
     a, t = _index_add_terms(ctx)
     if ctx.rules.add == "proportional":

@@ -113,7 +113,7 @@ def _no_duplicates(ctx: RuleContext, counts: Tensor, how: str) -> None:
 
 
 def _scatter_add_forward(fn):
-    dim, index = fn._saved_dim, fn._saved_index
+    dim, index = saved(fn, "_saved_dim"), fn._saved_index
     return lambda a, b: a.scatter_add(dim, index, b)
 
 
@@ -121,11 +121,30 @@ def _value_or_none(ctx: RuleContext, slot: int) -> Tensor | None:
     return None if ctx.fn.next_functions[slot][0] is None else ctx.input_value(slot)
 
 
+def constant_added(ctx: RuleContext):
+    """``out = self + C`` where ``C`` (the scattered / accumulated / index-added operand) does not
+    require grad and autograd saved nothing of it (not even the index): ``C`` is seen summed per output element, ``C = out - self``,
+    and ``R`` is split over ``self`` and ``C`` like add (``Rules.add``), exactly as for the
+    spelling ``self + C``; ``C``'s share is absorbed."""
+    from .elementwise import split_sum
+
+    a = ctx.input_value(0)
+    try:
+        out = ctx.output_value(0)
+    except ValueRecoveryError as err:
+        raise ValueRecoveryError(_record_advice(ctx, "adds a constant operand")) from err
+    ra, rc = split_sum(ctx, [a, out - a], ctx.rules.add)
+    ctx.absorb(rc)
+    return [ra, None]
+
+
 def scatter_add_rule(ctx: RuleContext):
     """``out = self.scatter_add(dim, index, src)``: every output element is ``self`` plus the
     ``src`` elements scattered onto it; ``R`` is split over those terms like add (``Rules.add``,
     :func:`split_terms`).  A constant ``self`` is rebuilt as ``out - scatter_add(0, src)`` and its
-    share absorbed."""
+    share absorbed; a constant ``src`` as :func:`constant_added`."""
+    if ctx.fn.next_functions[1][0] is None:
+        return constant_added(ctx)
     forward = _scatter_add_forward(ctx.fn)
     src = ctx.input_value(1)
     a = _value_or_none(ctx, 0)
@@ -138,7 +157,7 @@ def scatter_rule(ctx: RuleContext):
     """``out = self.scatter(dim, index, src or value)``: an overwrite, so routing
     (``R_self = R`` where not written, ``R_src = R`` gathered where written); a constant ``self``
     or ``value`` absorbs its part.  Duplicate write positions are refused."""
-    dim, index = ctx.fn._saved_dim, ctx.fn._saved_index
+    dim, index = saved(ctx.fn, "_saved_dim"), ctx.fn._saved_index
     r = ctx.r
     ones = torch.ones(index.shape, dtype=r.dtype, device=r.device)
     counts = torch.zeros_like(r).scatter_add(dim, index, ones)
@@ -161,21 +180,21 @@ def _scatter_replay(c: ReplayContext):
         raise ValueRecoveryError("scatter into a tensor that does not require grad")
     if len(c.inputs) == 1:
         raise ValueRecoveryError("scatter of a scalar value: autograd did not save the value")
-    return (x.scatter(c.fn._saved_dim, c.fn._saved_index, c.inputs[1]),)
+    return (x.scatter(saved(c.fn, "_saved_dim"), c.fn._saved_index, c.inputs[1]),)
 
 
 def _scatter_add_replay(c: ReplayContext):
     x, src = c.inputs
     if x is None:
         raise ValueRecoveryError("scatter_add into a tensor that does not require grad")
-    return (x.scatter_add(c.fn._saved_dim, c.fn._saved_index, src),)
+    return (x.scatter_add(saved(c.fn, "_saved_dim"), c.fn._saved_index, src),)
 
 
 # --- scatter_reduce -------------------------------------------------------------------------------
 
 
 def _scatter_reduce_forward(fn):
-    dim, index, reduce = fn._saved_dim, fn._saved_index, fn._saved_reduce
+    dim, index, reduce = saved(fn, "_saved_dim"), fn._saved_index, fn._saved_reduce
     include = fn._saved_include_self
     return lambda a, b: a.scatter_reduce(dim, index, b, reduce, include_self=include)
 
@@ -203,7 +222,7 @@ def scatter_reduce_rule(ctx: RuleContext):
 def _winner_masks(ctx: RuleContext) -> tuple[Tensor, Tensor, Tensor]:
     """``(self is a winner, src is a winner, number of winners per output element)``."""
     fn = ctx.fn
-    dim, index, include = fn._saved_dim, fn._saved_index, fn._saved_include_self
+    dim, index, include = saved(fn, "_saved_dim"), fn._saved_index, fn._saved_include_self
     x, src, out = fn._saved_self, fn._saved_src, fn._saved_result
     used = src[tuple(slice(0, k) for k in index.shape)]  # scatter reads src where index is
     written = torch.zeros_like(out).scatter_add(dim, index, torch.ones_like(used))
@@ -218,7 +237,7 @@ def _winner_masks(ctx: RuleContext) -> tuple[Tensor, Tensor, Tensor]:
 
 def _winner_shares(ctx: RuleContext):
     """amax / amin: ``R`` to the winners (elements equal to the output), ties split evenly."""
-    dim, index = ctx.fn._saved_dim, ctx.fn._saved_index
+    dim, index = saved(ctx.fn, "_saved_dim"), ctx.fn._saved_index
     self_win, src_win, n = _winner_masks(ctx)
     g = ratio(ctx.r, n)
     g_src = torch.zeros_like(src_win)
@@ -230,7 +249,7 @@ def _product_shares(ctx: RuleContext):
     """prod: ``R / n`` to each of the ``n`` factors of an output element (``self`` where it is
     included, each ``src`` element scattered there).  No forward value is needed."""
     fn = ctx.fn
-    dim, index, include = fn._saved_dim, fn._saved_index, fn._saved_include_self
+    dim, index, include = saved(fn, "_saved_dim"), fn._saved_index, fn._saved_include_self
     r = ctx.r
     ones = torch.ones(index.shape, dtype=r.dtype, device=r.device)
     written = torch.zeros_like(r).scatter_add(dim, index, ones)
@@ -256,7 +275,8 @@ def index_put_rule(ctx: RuleContext):
 
     - ``accumulate=True``: ``out = self + (values summed into the indexed positions)``, ``R``
       split over those terms like add (``Rules.add``, :func:`split_terms`); a constant ``self``
-      is rebuilt as ``out - index_put(0, indices, values, True)`` and absorbs its share;
+      is rebuilt as ``out - index_put(0, indices, values, True)`` and absorbs its share, constant
+      values are seen as ``out - self`` (:func:`constant_added`);
     - ``accumulate=False``: an overwrite, routing (``R_self = R`` where not written,
       ``R_values = R`` at the written positions, summed over a broadcast value); a constant
       operand absorbs its part.  Duplicate write positions are refused."""
@@ -274,14 +294,10 @@ def index_put_rule(ctx: RuleContext):
         if len(outs) > 1 and fn.next_functions[1][0] is None:  # constant values: absorbed
             outs[1] = r.masked_fill(counts == 0, 0)
         return outs
+    if len(fn.next_functions) < 2 or fn.next_functions[1][0] is None:
+        return constant_added(ctx)[: len(fn.next_functions)]
     forward = _index_put_forward(fn)
-    values = _value_or_none(ctx, 1)
-    if values is None:
-        raise ValueRecoveryError(
-            f"{fn.name()} (node {ctx.idx}): index_put_(..., accumulate=True) of values that do "
-            "not require grad: autograd kept neither them nor the sum. Make the values require "
-            "grad, or explain the sum's output itself."
-        )
+    values = ctx.input_value(1)
     a = _value_or_none(ctx, 0)
     if a is None:
         a = _rebuilt_self(ctx, forward, [values])
