@@ -426,3 +426,187 @@ def test_where_constant_branch_absorbs() -> None:
     close(rx, torch.where(cond, R, 0.0))
     assert rep.absorbed == pytest.approx(float(R[~cond].sum()), abs=1e-10)
     assert abs(rep.residual) < 1e-10
+
+
+# --- the remaining element-wise unary nodes, GLU, tensor powers -----------------------------------
+
+# name -> (op, input domain, node type): each must be one element-wise node of one input
+DOMAINS = {
+    "any": lambda x: x,
+    "unit": lambda x: torch.tanh(x) * 0.9,  # (-1, 1)
+    "pos": lambda x: x.abs() + 0.1,
+    "above1": lambda x: x.abs() + 1.1,
+    "prob": lambda x: torch.sigmoid(x),
+}
+UNARY_MORE = {
+    "atan": (torch.atan, "any", "AtanBackward0"),
+    "asin": (torch.asin, "unit", "AsinBackward0"),
+    "acos": (torch.acos, "unit", "AcosBackward0"),
+    "sinh": (torch.sinh, "any", "SinhBackward0"),
+    "cosh": (torch.cosh, "any", "CoshBackward0"),
+    "asinh": (torch.asinh, "any", "AsinhBackward0"),
+    "acosh": (torch.acosh, "above1", "AcoshBackward0"),
+    "atanh": (torch.atanh, "unit", "AtanhBackward0"),
+    "tan": (torch.tan, "unit", "TanBackward0"),
+    "log1p": (torch.log1p, "pos", "Log1PBackward0"),
+    "log2": (torch.log2, "pos", "Log2Backward0"),
+    "log10": (torch.log10, "pos", "Log10Backward0"),
+    "expm1": (torch.expm1, "any", "Expm1Backward0"),
+    "exp2": (torch.exp2, "any", "Exp2Backward0"),
+    "erfc": (torch.erfc, "any", "ErfcBackward0"),
+    "erfinv": (torch.erfinv, "unit", "ErfinvBackward0"),
+    "digamma": (torch.digamma, "pos", "DigammaBackward0"),
+    "lgamma": (torch.lgamma, "pos", "LgammaBackward0"),
+    "polygamma": (lambda t: torch.polygamma(2, t), "pos", "PolygammaBackward0"),
+    "mvlgamma": (lambda t: torch.mvlgamma(t, 2), "above1", "MvlgammaBackward0"),
+    "logit": (torch.logit, "prob", "LogitBackward0"),
+    "logit_eps": (lambda t: torch.logit(t, eps=0.3), "prob", "LogitBackward0"),
+    "sinc": (torch.sinc, "any", "SincBackward0"),
+    "i0": (torch.i0, "any", "I0Backward0"),
+    "i0e": (torch.special.i0e, "any", "SpecialI0EBackward0"),
+    "i1": (torch.special.i1, "any", "SpecialI1Backward0"),
+    "i1e": (torch.special.i1e, "any", "SpecialI1EBackward0"),
+    "erfcx": (torch.special.erfcx, "any", "SpecialErfcxBackward0"),
+    "log_ndtr": (torch.special.log_ndtr, "any", "SpecialLogNdtrBackward0"),
+    "ndtri": (torch.special.ndtri, "prob", "SpecialNdtriBackward0"),
+    "sgn": (torch.sgn, "any", "SgnBackward0"),
+    "angle": (torch.angle, "any", "AngleBackward0"),
+    "deg2rad": (torch.deg2rad, "any", "Deg2RadBackward0"),
+    "rad2deg": (torch.rad2deg, "any", "Rad2DegBackward0"),
+    "frac": (torch.frac, "any", "FracBackward0"),
+    "sign": (torch.sign, "any", "SignBackward0"),
+    "round": (torch.round, "any", "RoundBackward0"),
+    "round_decimals": (lambda t: torch.round(t, decimals=1), "any", "RoundBackward1"),
+    "floor": (torch.floor, "any", "FloorBackward0"),
+    "ceil": (torch.ceil, "any", "CeilBackward0"),
+    "trunc": (torch.trunc, "any", "TruncBackward0"),
+    "fmod": (lambda t: torch.fmod(t, 0.7), "any", "FmodBackward0"),
+    "remainder": (lambda t: torch.remainder(t, 0.7), "any", "RemainderBackward0"),
+    "copysign": (lambda t: torch.copysign(t, -1.0), "any", "CopysignBackward1"),
+    "celu": (lambda t: F.celu(t, 0.5), "any", "CeluBackward0"),
+    "relu6": (F.relu6, "any", "HardtanhBackward0"),
+    "rrelu_eval": (
+        lambda t: F.rrelu(t, 0.1, 0.3, training=False),
+        "any",
+        "RreluWithNoiseBackward0",
+    ),
+    "rrelu_train": (
+        lambda t: F.rrelu(t, 0.1, 0.3, training=True),
+        "any",
+        "RreluWithNoiseBackward0",
+    ),
+    "softshrink": (lambda t: F.softshrink(t, 0.3), "any", "SoftshrinkBackward0"),
+    "hardshrink": (lambda t: F.hardshrink(t, 0.3), "any", "HardshrinkBackward0"),
+    "threshold": (lambda t: F.threshold(t, 0.1, 2.0), "any", "ThresholdBackward0"),
+    "logsigmoid": (F.logsigmoid, "any", "LogSigmoidBackward0"),
+    "nan_to_num": (torch.nan_to_num, "any", "NanToNumBackward0"),
+    "scalar_pow": (lambda t: torch.pow(2.0, t), "any", "PowBackward2"),
+    "float_power_base": (lambda t: torch.float_power(3, t), "any", "PowBackward2"),
+    "xlogy_scalar_y": (lambda t: torch.xlogy(t, 2.0), "any", "XlogyBackward2"),
+    "xlogy_scalar_x": (lambda t: torch.xlogy(2.0, t), "pos", "XlogyBackward1"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNARY_MORE))
+def test_more_unary_nodes_are_identity_and_replay_exactly(name: str) -> None:
+    """The node type is the one in the table (one element-wise node of one input), the rule
+    passes ``R`` on unchanged, and the entry's replay (when the op saves what it needs) rebuilds
+    the forward value exactly."""
+    from dynamiclrp.rules import OP_TABLE
+    from dynamiclrp.rules.base import ReplayContext
+
+    f, domain, node = UNARY_MORE[name]
+    g = gen(40)
+    x = DOMAINS[domain](torch.randn(3, 4, generator=g, dtype=DT)).detach().requires_grad_()
+    R = randn(g, 3, 4)
+    out = f(x)
+    assert type(out.grad_fn).__name__ == node
+    assert len(out.grad_fn.next_functions) == 1
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, return_report=True)
+    close(rx, R)
+    assert abs(rep.residual) < 1e-12
+    entry = OP_TABLE[node]
+    if entry.replay is not None:
+        (replayed,) = entry.replay(ReplayContext(out.grad_fn, [x.detach()]))
+        close(replayed, out.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_ops_without_a_saved_argument_have_no_replay() -> None:
+    """round(x, decimals), fmod/remainder by a scalar, threshold's fill value, nan_to_num's
+    replacements: autograd keeps no trace of the argument, so a promise through them fails
+    loudly instead of replaying a default."""
+    from dynamiclrp.rules import OP_TABLE
+
+    for node in (
+        "RoundBackward1",
+        "FmodBackward0",
+        "RemainderBackward0",
+        "ThresholdBackward0",
+        "NanToNumBackward0",
+        "CopysignBackward1",
+    ):
+        assert OP_TABLE[node].replay is None, node
+
+
+def _every_preset_equal(make_a, make_b, inputs, R) -> None:
+    from dynamiclrp.presets import PRESETS
+
+    for name in PRESETS:
+        ra = dynamiclrp.explain(make_a(), inputs, relevance=R, rules=name)
+        rb = dynamiclrp.explain(make_b(), inputs, relevance=R, rules=name)
+        for a, b in zip(ra, rb, strict=True):
+            torch.testing.assert_close(
+                a, b, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}"
+            )
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_glu_equals_its_written_out_spelling_under_every_preset(dim: int) -> None:
+    g = gen(41)
+    x, R = randn(g, 4, 6, grad=True), randn(g, *((4, 3) if dim == -1 else (2, 6)))
+
+    def written_out():
+        a, b = x.chunk(2, dim)
+        return a * torch.sigmoid(b)
+
+    assert F.glu(x, dim).grad_fn.name() == "GluBackward0"
+    _every_preset_equal(lambda: F.glu(x, dim), written_out, [x], R)
+    _every_preset_equal(lambda: torch.nn.GLU(dim)(x), written_out, [x], R)
+    # and the numbers: R / 2 to each half; CP-LRP's constant gate: all to a
+    rx = dynamiclrp.explain(F.glu(x, dim), x, relevance=R)
+    close(rx, torch.cat([R / 2, R / 2], dim))
+    rx = dynamiclrp.explain(F.glu(x, dim), x, relevance=R, rules="cp-lrp")
+    close(rx, torch.cat([R, torch.zeros_like(R)], dim))
+
+
+def test_tensor_power_equals_exp_of_product_under_every_preset() -> None:
+    g = gen(42)
+    x = (randn(g, 3, 4).abs() + 0.5).requires_grad_()
+    y, R = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    assert torch.pow(x, y).grad_fn.name() == "PowBackward1"
+    _every_preset_equal(lambda: x**y, lambda: torch.exp(y * torch.log(x)), [x, y], R)
+    # an activation's output as exponent is a constant gate under CP-LRP, as written out
+    _every_preset_equal(
+        lambda: x ** torch.sigmoid(y), lambda: torch.exp(torch.sigmoid(y) * torch.log(x)), [x, y], R
+    )
+    rx, ry = dynamiclrp.explain(x**y, [x, y], relevance=R)
+    close(rx, R / 2)
+    close(ry, R / 2)
+    # one constant operand: an element-wise map of the other
+    close(dynamiclrp.explain(x ** y.detach(), x, relevance=R), R)
+    close(dynamiclrp.explain(x.detach() ** y, y, relevance=R), R)
+
+
+def test_xlogy_of_two_tensors_equals_its_written_out_product() -> None:
+    g = gen(43)
+    x = randn(g, 3, 4, grad=True)
+    y = (randn(g, 3, 4).abs() + 0.5).requires_grad_()
+    R = randn(g, 3, 4)
+    assert torch.xlogy(x, y).grad_fn.name() == "XlogyBackward0"
+    _every_preset_equal(lambda: torch.xlogy(x, y), lambda: x * torch.log(y), [x, y], R)
+    _every_preset_equal(
+        lambda: torch.xlogy(torch.sigmoid(x), y),
+        lambda: torch.sigmoid(x) * torch.log(y),
+        [x, y],
+        R,
+    )

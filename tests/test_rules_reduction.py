@@ -385,3 +385,56 @@ def test_max_pool_value_is_recovered_for_a_downstream_add() -> None:
     rp = R * pd.abs() / (pd.abs() + bias.detach().abs())
     groups, _ = pool_groups(tuple(x.shape), (2, 2), (2, 2), (0, 0))
     close(rx, winner(groups, x, rp))
+
+
+# --- cumprod ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_cumprod_splits_each_prefix_uniformly(dim):
+    """``z_k = x_0 * ... * x_k``: output ``k``'s relevance goes ``R_k / (k + 1)`` to each of its
+    factors, so ``R_x[j] = sum_{k >= j} R_k / (k + 1)`` (written out with loops)."""
+    g = gen(60)
+    x, R = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    out = torch.cumprod(x, dim)
+    assert out.grad_fn.name() == "CumprodBackward0"
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, return_report=True)
+    d = dim % 2
+    expected = torch.zeros(3, 4, dtype=DT)
+    for i, j in itertools.product(range(3), range(4)):
+        k_self = (i, j)[d]
+        for k in range(k_self, x.shape[d]):
+            src = (k, j) if d == 0 else (i, k)
+            expected[i, j] += R[src] / (k + 1)
+    close(rx, expected)
+    assert abs(rep.residual) < 1e-12
+    assert float(rx.sum()) == pytest.approx(float(R.sum()), rel=1e-12)
+
+
+def test_cumprod_equals_prefix_products_under_every_preset():
+    """The equivalent spelling: each prefix's ``prod`` (the uniform rule of ``ProdBackward1``)."""
+    from dynamiclrp.presets import PRESETS
+
+    g = gen(61)
+    x, R = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+
+    def prefixes():
+        return torch.stack([x[:, : k + 1].prod(1) for k in range(4)], 1)
+
+    for name in PRESETS:
+        a = dynamiclrp.explain(torch.cumprod(x, 1), x, relevance=R, rules=name)
+        b = dynamiclrp.explain(prefixes(), x, relevance=R, rules=name)
+        close(a, b)
+
+
+def test_cumprod_value_is_replayed_for_a_downstream_add():
+    """``cumprod(x) + bias`` with another consumer of the sum: the add needs cumprod's value,
+    which the node saved (its result) or replays; the split must use the true value."""
+    g = gen(62)
+    x, R = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    b = torch.nn.Parameter(randn(g, 4))
+    rx = dynamiclrp.explain(torch.cumprod(x, 1) + b, x, relevance=R)
+    z = torch.cumprod(x.detach(), 1)
+    r_z = R * z.abs() / (z.abs() + b.detach().abs())
+    expected = dynamiclrp.explain(torch.cumprod(x, 1), x, relevance=r_z)
+    close(rx, expected)

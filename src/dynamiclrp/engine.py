@@ -26,6 +26,7 @@ from .recording import Recording
 from .rules import LEAF, OP_TABLE, OpEntry, RuleContext
 from .rules.base import ReplayContext, sum_to_shape
 from .rules.contraction import conv_has_bias
+from .rules.probe import is_elementwise, probed_entry
 from .targets import make_seed
 
 
@@ -54,6 +55,8 @@ class Plan:
     statistic: dict[int, tuple[int, ...]] = field(default_factory=dict)
     """For element-wise products of two data factors: the factor slots that are a parameter-free
     function of the other factor's data (:func:`_statistic_factors`)."""
+    probed: tuple[str, ...] = ()
+    """Custom autograd Functions found element-wise by :mod:`.rules.probe` (identity rule)."""
 
 
 class LRP:
@@ -208,6 +211,7 @@ def make_plan(
         for v in topo
         if reach[v] and any(e is not None and reach[e[0]] for e in graph.children[v])
     ]
+    probed, not_elementwise = _probe_custom_functions(graph, entries, order)
     uncovered = Counter(graph.names[v] for v in order if entries[v] is None)
     if uncovered:
         listing = ", ".join(f"{name} x{count}" for name, count in uncovered.most_common())
@@ -218,6 +222,12 @@ def make_plan(
             f"{graph.describe(first)}. Nothing was propagated. Add an entry to the op table "
             "(dynamiclrp.rules) for each, or explain an intermediate tensor below them."
             + "".join(_uncovered_hint(graph, name) for name in uncovered)
+            + "".join(
+                f" {name} was probed for being element-wise (then the identity rule would "
+                f"apply) and is not: {why}."
+                for name, why in not_elementwise.items()
+                if name in uncovered
+            )
         )
     # the first layers are nearest to the earliest requested inputs: a requested intermediate
     # tensor with another requested input below it does not make the layer reading it "first"
@@ -244,7 +254,32 @@ def make_plan(
         fused_slot,
         fused_chain,
         statistic,
+        probed=tuple(sorted(probed)),
     )
+
+
+def _probe_custom_functions(graph: Graph, entries: list, order: list[int]):
+    """Give custom ``autograd.Function`` nodes without an entry the identity rule when
+    :func:`.rules.probe.is_elementwise` finds them element-wise (``entries`` is filled in place).
+    Returns the names found element-wise and, for the others, why not."""
+    probed: set[str] = set()
+    why_not: dict[str, str] = {}
+    for v in order:
+        fn = graph.fns[v]
+        if entries[v] is not None or not isinstance(fn, torch.autograd.function.BackwardCFunction):
+            continue
+        kids = graph.children[v]
+        if len(kids) != 1 or kids[0] is None:
+            why_not[graph.names[v]] = f"it has {len(kids)} tensor inputs, not one"
+            continue
+        e = kids[0]
+        ok, why = is_elementwise(fn, graph.fns[e[0]]._input_metadata[e[1]].shape)
+        if ok:
+            entries[v] = probed_entry(fn)
+            probed.add(graph.names[v])
+        else:
+            why_not[graph.names[v]] = why
+    return probed, why_not
 
 
 def _uncovered_hint(graph: Graph, name: str) -> str:
@@ -629,6 +664,7 @@ class _Run:
         self.report = self.ledger.close(g.describe, seeded, input_sums, in_books, param_sums)
         self.report.promises = dict(Counter(s[0] for s in plan.promises.sources.values()))
         self.report.promise_stats = self.resolver.stats
+        self.report.probed = list(plan.probed)
         return results
 
     def _propagate(self, v: int, rel: list[Tensor], store: dict, sums: dict, sent: list) -> None:

@@ -54,6 +54,9 @@ class RelevanceReport:
         How forward values were recovered: counts per source kind.
     promise_stats:
         :class:`~dynamiclrp.promises.PromiseStats` of the run.
+    probed:
+        Custom ``autograd.Function`` node types without an op-table entry that a probe found
+        element-wise (:mod:`dynamiclrp.rules.probe`), explained with the identity rule.
     """
 
     seeded: float = 0.0
@@ -68,6 +71,7 @@ class RelevanceReport:
     promises: dict[str, int] = field(default_factory=dict)
     promise_stats: object = None
     nodes: int = 0
+    probed: list[str] = field(default_factory=list)
 
     @property
     def residual(self) -> float:
@@ -97,6 +101,11 @@ class RelevanceReport:
             lines.append(
                 "forward values recovered: "
                 + ", ".join(f"{k} {v}" for k, v in self.promises.items())
+            )
+        if self.probed:
+            lines.append(
+                "custom autograd Functions probed element-wise (identity rule): "
+                + ", ".join(self.probed)
             )
         return "\n".join(lines)
 

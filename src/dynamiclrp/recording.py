@@ -63,6 +63,11 @@ NEEDS_RECORDING = {
     "CatBackward0": _has_unrecorded_input,
     "StackBackward0": _has_unrecorded_input,
     "IndexAddBackward0": lambda fn: fn.next_functions[0][0] is None,
+    # scatter / index_put into a constant self: no replay (self is neither recorded nor saved)
+    "ScatterAddBackward0": lambda fn: fn.next_functions[0][0] is None,
+    "ScatterBackward0": lambda fn: fn.next_functions[0][0] is None,
+    "ScatterBackward1": lambda fn: fn.next_functions[0][0] is None,
+    "IndexPutBackward0": lambda fn: fn.next_functions[0][0] is None,
     # a Python scalar recorded nowhere: c - x, x + c, x - c as unary nodes (no replay)
     "RsubBackward1": lambda fn: True,
     "AddBackward1": lambda fn: True,

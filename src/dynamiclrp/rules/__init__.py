@@ -15,6 +15,7 @@ from . import (
     reduction,
     routing,
     sequence,
+    summing,
 )
 from .base import OpEntry, RuleContext
 
@@ -30,6 +31,7 @@ for _family in (
     attention,
     recurrent,
     sequence,
+    summing,
 ):
     _overlap = OP_TABLE.keys() & _family.TABLE.keys()
     assert not _overlap, f"op table entries defined twice: {_overlap}"

@@ -251,7 +251,9 @@ def add_rule(sign: float):
     return rule
 
 
-def _product_shares(ctx: RuleContext, r: Tensor, slots, n_out: int) -> dict[int, Tensor]:
+def _product_shares(
+    ctx: RuleContext, r: Tensor, slots, n_out: int, gate_slots=None
+) -> dict[int, Tensor]:
     """``R`` of a product of the factors in ``slots`` (``n_out`` elements).
 
     - A factor no data reaches (a weight, a buffer, a constant lookup) takes nothing: the data
@@ -263,7 +265,11 @@ def _product_shares(ctx: RuleContext, r: Tensor, slots, n_out: int) -> dict[int,
     - Otherwise the two data factors share ``R`` uniformly (AttnLRP), a gate computed by a layer of
       its own (``expert_out * gate``, FiLM's ``h * gamma(cond)``) included; with
       ``Rules.gates = "constant"`` (CP-LRP) a full-shape factor produced by an element-wise
-      activation is a constant gate when the other is not."""
+      activation is a constant gate when the other is not.
+
+    ``gate_slots``: the operands that can be a constant gate (default: all), for an op whose
+    written-out spelling puts another op between an operand and the product (``x ** y`` is
+    ``exp(y * log(x))``: only ``y`` enters the product as it was produced)."""
     present = [s for s in slots if ctx.fn.next_functions[s][0] is not None]
     receivers = [s for s in present if ctx.data[s]] or present
     if len(receivers) == 2:
@@ -272,7 +278,12 @@ def _product_shares(ctx: RuleContext, r: Tensor, slots, n_out: int) -> dict[int,
         if len(full) == 1 and stats:  # the broadcast factor is a statistic of the other
             receivers = full
         elif ctx.rules.gates == "constant":  # CP-LRP: an activation's output is a constant gate
-            gates = [s for s in receivers if ctx.producer(s, PASS_THROUGH) in ACTIVATIONS]
+            gates = [
+                s
+                for s in receivers
+                if (gate_slots is None or s in gate_slots)
+                and ctx.producer(s, PASS_THROUGH) in ACTIVATIONS
+            ]
             if len(gates) == 1 and math.prod(ctx.input_shape(gates[0])) == n_out:
                 receivers = [s for s in receivers if s != gates[0]]
     share = r if len(receivers) == 1 else r * 0.5
@@ -289,6 +300,36 @@ def product_rule(ctx: RuleContext):
     """Mul/div: uniform between two full-shape data operands, else all to the full-shape data one."""
     shares = _product_shares(ctx, ctx.r, (0, 1), ctx.r.numel())
     return [shares.get(0), shares.get(1)]
+
+
+def log_product_rule(gate_slot: int):
+    """A product of one operand with the log of the other, both tensors: ``x ** y`` (``PowBackward1``)
+    is ``exp(y * log(x))`` and ``xlogy(x, y)`` (``XlogyBackward0``) is ``x * log(y)``; ``exp`` and
+    ``log`` pass relevance on unchanged (identity rule), so ``R`` is split as for the product
+    written out (:func:`product_rule`): ``R / 2`` to each full-shape data operand, all to the
+    full-shape one where the other is broadcast, and with ``Rules.gates = "constant"`` all to the
+    other operand when operand ``gate_slot`` (the one that enters the product as produced) is an
+    activation's output.  With one recorded operand it is an element-wise map of it: ``R``."""
+
+    def rule(ctx: RuleContext):
+        shares = _product_shares(ctx, ctx.r, (0, 1), ctx.r.numel(), gate_slots=(gate_slot,))
+        return [shares.get(0), shares.get(1)]
+
+    rule.__doc__ = log_product_rule.__doc__
+    return rule
+
+
+def glu_rule(ctx: RuleContext):
+    """``glu(x, dim) = a * sigmoid(b)`` with ``a, b = x.chunk(2, dim)``: the product rule of the
+    written-out spelling (``sigmoid`` passes relevance on unchanged): ``R_a = R_b = R / 2``; with
+    ``Rules.gates = "constant"`` (CP-LRP) the gate ``sigmoid(b)`` is a constant and
+    ``R_a = R``, ``R_b = 0``.  ``R_x`` is ``[R_a, R_b]`` along ``dim``."""
+    r = ctx.r
+    dim = ctx.saved("_saved_dim")
+    if ctx.rules.gates == "constant":
+        return (torch.cat([r, torch.zeros_like(r)], dim),)
+    half = r * 0.5
+    return (torch.cat([half, half], dim),)
 
 
 def _known_input(ctx: RuleContext, slot: int) -> Tensor | None:
@@ -520,5 +561,102 @@ TABLE = {
         needs_values=True,
         saved_inputs={0: "_saved_self", 1: "_saved_end", 2: "_saved_weight"},
         replay=lambda c: (torch.lerp(*c.inputs),),
+    ),
+    # --- added: the remaining element-wise unary nodes (identity rule) -------------------------
+    "AtanBackward0": _self_op(lambda c, x: torch.atan(x)),
+    "AsinBackward0": _self_op(lambda c, x: torch.asin(x)),
+    "AcosBackward0": _self_op(lambda c, x: torch.acos(x)),
+    "SinhBackward0": _self_op(lambda c, x: torch.sinh(x)),
+    "CoshBackward0": _self_op(lambda c, x: torch.cosh(x)),
+    "AsinhBackward0": _self_op(lambda c, x: torch.asinh(x)),
+    "AcoshBackward0": _self_op(lambda c, x: torch.acosh(x)),
+    "AtanhBackward0": _self_op(lambda c, x: torch.atanh(x)),
+    "TanBackward0": _result_op(lambda c: (torch.tan(c.inputs[0]),)),
+    "Log1PBackward0": _self_op(lambda c, x: torch.log1p(x)),
+    "Log2Backward0": _self_op(lambda c, x: torch.log2(x)),
+    "Log10Backward0": _self_op(lambda c, x: torch.log10(x)),
+    "Expm1Backward0": _result_op(lambda c: (torch.expm1(c.inputs[0]),)),
+    "Exp2Backward0": _result_op(lambda c: (torch.exp2(c.inputs[0]),)),
+    "ErfcBackward0": _self_op(lambda c, x: torch.erfc(x)),
+    "ErfinvBackward0": _self_op(lambda c, x: torch.erfinv(x)),
+    "DigammaBackward0": _self_op(lambda c, x: torch.digamma(x)),
+    "LgammaBackward0": _self_op(lambda c, x: torch.lgamma(x)),
+    "PolygammaBackward0": _self_op(lambda c, x: torch.polygamma(c.saved("_saved_n"), x)),
+    "MvlgammaBackward0": _self_op(lambda c, x: torch.mvlgamma(x, c.saved("_saved_p"))),
+    "LogitBackward0": _self_op(lambda c, x: torch.logit(x, c.saved("_saved_eps"))),
+    "SincBackward0": _self_op(lambda c, x: torch.sinc(x)),
+    "I0Backward0": _self_op(lambda c, x: torch.i0(x)),
+    "SpecialI0EBackward0": _self_op(lambda c, x: torch.special.i0e(x)),
+    "SpecialI1Backward0": _self_op(lambda c, x: torch.special.i1(x)),
+    "SpecialI1EBackward0": _self_op(lambda c, x: torch.special.i1e(x)),
+    "SpecialErfcxBackward0": _self_op(lambda c, x: torch.special.erfcx(x)),
+    "SpecialLogNdtrBackward0": _self_op(lambda c, x: torch.special.log_ndtr(x)),
+    "SpecialNdtriBackward0": _result_op(lambda c: (torch.special.ndtri(c.inputs[0]),)),
+    "SgnBackward0": _self_op(lambda c, x: torch.sgn(x)),
+    "AngleBackward0": _self_op(lambda c, x: torch.angle(x)),
+    "Deg2RadBackward0": _unary(lambda c: (torch.deg2rad(c.inputs[0]),)),
+    "Rad2DegBackward0": _unary(lambda c: (torch.rad2deg(c.inputs[0]),)),
+    "FracBackward0": _unary(lambda c: (torch.frac(c.inputs[0]),)),
+    # piecewise-constant maps (gradient 0 almost everywhere): the identity rule as for every
+    # element-wise map, the output's relevance goes to the input whose value it encodes
+    # (gradient x input would give 0); round(x, decimals) saves no decimals: no replay
+    "SignBackward0": _unary(lambda c: (torch.sign(c.inputs[0]),)),
+    "RoundBackward0": _unary(lambda c: (torch.round(c.inputs[0]),)),
+    "RoundBackward1": _unary(),
+    "FloorBackward0": _unary(lambda c: (torch.floor(c.inputs[0]),)),
+    "CeilBackward0": _unary(lambda c: (torch.ceil(c.inputs[0]),)),
+    "TruncBackward0": _unary(lambda c: (torch.trunc(c.inputs[0]),)),
+    # x mod a Python scalar, x with the sign of a scalar: the scalar is not saved, no replay
+    "FmodBackward0": _unary(),
+    "RemainderBackward0": _unary(),
+    "CopysignBackward1": _unary(
+        saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}
+    ),
+    # activations (relu6 and hardtanh record HardtanhBackward0, selu EluBackward0)
+    "CeluBackward0": _self_op(lambda c, x: F.celu(x, c.saved("_saved_alpha"))),
+    "RreluWithNoiseBackward0": _self_op(
+        lambda c, x: (
+            x * c.saved("_saved_noise")  # training: the noise holds each element's slope
+            if c.saved("_saved_training")
+            else F.leaky_relu(x, (c.saved("_saved_lower") + c.saved("_saved_upper")) / 2)
+        )
+    ),
+    "SoftshrinkBackward0": _self_op(lambda c, x: F.softshrink(x, c.saved("_saved_lambd"))),
+    "HardshrinkBackward0": _self_op(lambda c, x: F.hardshrink(x, c.saved("_saved_lambd"))),
+    # threshold(x, t, value): the fill value is not saved, no replay
+    "ThresholdBackward0": _unary(saved_inputs={0: "_saved_self"}),
+    "LogSigmoidBackward0": _self_op(lambda c, x: F.logsigmoid(x)),
+    # nan_to_num's replacement values are not saved: no replay
+    "NanToNumBackward0": _unary(saved_inputs={0: "_saved_self"}),
+    # a Python scalar base (2.0 ** x, float_power(2, x)): element-wise in the exponent
+    "PowBackward2": _result_op(lambda c: (torch.pow(c.saved("_saved_self"), c.inputs[0]),)),
+    # xlogy with one Python scalar: x * log(c) (linear in x) or c * log(y)
+    "XlogyBackward2": _self_op(lambda c, x: torch.xlogy(x, c.saved("_saved_other"))),
+    "XlogyBackward1": _unary(
+        lambda c: (torch.xlogy(c.saved("_saved_self"), c.inputs[0]),),
+    ),
+    # --- added: binary and gated ops written out of products ------------------------------------
+    "PowBackward1": OpEntry(
+        "elementwise-binary",
+        log_product_rule(1),
+        saved_inputs={0: "_saved_self", 1: "_saved_exponent"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (
+            torch.pow(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_exponent")),
+        ),
+    ),
+    "XlogyBackward0": OpEntry(
+        "elementwise-binary",
+        log_product_rule(0),
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.xlogy(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+    ),
+    "GluBackward0": OpEntry(
+        "elementwise-unary",
+        glu_rule,
+        saved_inputs={0: "_saved_self"},
+        replay=lambda c: (F.glu(c.inputs[0], c.saved("_saved_dim")),),
     ),
 }

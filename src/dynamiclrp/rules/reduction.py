@@ -248,6 +248,21 @@ def product_reduction_rule(ctx: RuleContext):
     return ((ctx.r.reshape(kept) / n).expand(shape).clone(),)
 
 
+def cumprod_rule(ctx: RuleContext):
+    """``z_k = prod_{j <= k} x_j`` along ``dim``: the uniform rule of a product over each prefix,
+    the relevance of output ``k`` split equally over its ``k + 1`` factors (0-based), so
+    ``R_x[j] = sum_{k >= j} R[k] / (k + 1)`` (as for ``prod``).  No forward value is needed."""
+    r = ctx.r
+    dim = ctx.saved("_saved_dim") % max(1, r.dim())
+    if r.dim() == 0:
+        return (r,)
+    n = r.shape[dim]
+    count = torch.arange(1, n + 1, dtype=r.dtype, device=r.device)
+    count = count.reshape([n if d == dim else 1 for d in range(r.dim())])
+    share = r / count
+    return (share.flip(dim).cumsum(dim).flip(dim),)
+
+
 def _moments(fn, x, op):
     dims = saved(fn, "_saved_dim")
     return op(
@@ -320,6 +335,13 @@ TABLE = {
     "StdMeanBackward0": _moment_entry(torch.std_mean, "_saved_result0"),
     "ProdBackward0": _prod_entry(),
     "ProdBackward1": _prod_entry(),
+    "CumprodBackward0": OpEntry(
+        "reduction",
+        cumprod_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.cumprod(c.inputs[0], c.saved("_saved_dim")),),
+    ),
 }
 for _name, (_op, _scales) in _UPSAMPLE.items():
     TABLE[_name] = _entry(_upsample(_op, _scales), saved_self=False)

@@ -179,8 +179,13 @@ def index_add_rule(ctx: RuleContext):
       ``R_self = |self| * g``, ``R_source = |t| * G g``;
     - signed: ``g = R / stab(self + S t)``, ``R_self = self * g``, ``R_source = t * G g``.
 
-    An unrecorded ``self`` takes its share, which is absorbed.  No relevance is created or lost
+    An unrecorded ``self`` takes its share, which is absorbed; a source that does not require
+    grad is seen as ``out - self`` (:func:`.summing.constant_added`).  No relevance is created or lost
     except through ``stab`` (signed) or all-zero sums (proportional)."""
+    if ctx.fn.next_functions[1][0] is None:  # saved neither source nor index: self + C
+        from .summing import constant_added
+
+        return constant_added(ctx)
     dim, index = ctx.saved("_saved_dim"), ctx.saved("_saved_index")
     a, t = _index_add_terms(ctx)
     if ctx.rules.add == "proportional":

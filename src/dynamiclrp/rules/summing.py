@@ -1,0 +1,459 @@
+"""Linear summing ops: each output element is a sum of selected input elements (coefficient +1, or
+``1/n`` for a mean), or one selected element (routing).
+
+``L`` is the op as a linear map of its operands' elements and ``L^T`` its transpose, which is the
+node's own backward applied to a vector.  A *term* is one operand element as it enters the sum.
+
+- One operand (``fold``, ``embedding_bag`` sum/mean): the linear-reduction rule, preset
+  ``Rules.reduction`` (section 2.6): ``"proportional"``: ``R_x = |x| * L^T(R / L(|x|))``;
+  ``"signed"``: ``R_x = x * L^T(R / stab(L(x)))``.  ``embedding_bag`` with a per-sample weight of
+  either sign always uses the signed form (a negative coefficient, as for bicubic interpolation).
+- Several operands meeting in one output element (``scatter_add``, ``scatter_reduce`` sum/mean,
+  ``index_put(accumulate=True)``): ``R`` split over the terms like add (``Rules.add``, as
+  ``index_add``): ``"proportional"``: ``R_t = |t| * L_t^T(R / sum_u L_u(|u|))``; ``"signed"``:
+  ``R_t = t * L_t^T(R / stab(z))``.  A constant operand (a tensor without grad) takes its share,
+  which is absorbed; one autograd did not save is rebuilt as ``out - (the recorded terms)``.
+- Overwrites and copies (``scatter``, ``index_put``, ``unfold``): routing, ``R_in = L^T R`` (every
+  output element is one input element, or padding); duplicate write positions are refused (which
+  write wins is unspecified).
+- Winner takes all (``scatter_reduce`` amax/amin, ``embedding_bag`` max): ``R`` to the elements
+  equal to the output, ties split evenly.
+- Product (``scatter_reduce`` prod): the uniform rule of a product, ``R / n`` to each of the ``n``
+  factors of an output element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import UncoveredOpError, ValueRecoveryError
+from .base import OpEntry, ReplayContext, RuleContext, ratio, saved, sum_to_shape
+from .elementwise import cancelled
+from .linear import safe_divide
+from .reduction import linear_reduction, signed_linear_map
+from .routing import route_like_gradient
+
+Forward = Callable[..., Tensor]
+
+
+def _record_advice(ctx: RuleContext, what: str) -> str:
+    return (
+        f"{ctx.fn.name()} (node {ctx.idx}) {what}, a tensor that does not require grad; autograd "
+        "recorded neither it nor the result, and no node saved the result, so its value cannot "
+        "be rebuilt. Run the forward pass under `with dynamiclrp.record() as rec:` and pass "
+        "recording=rec to explain, or make that tensor require grad."
+    )
+
+
+def _rebuilt_self(ctx: RuleContext, forward: Forward, others: Sequence[Tensor]) -> Tensor:
+    """An unrecorded ``self`` of ``out = self (+) L(others)``: ``out - L(0, others)``."""
+    try:
+        out = ctx.output_value(0)
+    except ValueRecoveryError as err:
+        raise ValueRecoveryError(_record_advice(ctx, "adds into a constant `self`")) from err
+    return out - forward(torch.zeros_like(out), *others)
+
+
+def _transpose(ctx: RuleContext, forward: Forward, terms: Sequence[Tensor], g: Tensor):
+    """``L_i^T g`` per operand: the node's own backward for recorded operands; for a constant
+    operand (which the node's backward skips) the transpose of ``forward`` by autograd."""
+    outs = ctx.fn(g)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    missing = [i for i, t in enumerate(terms) if outs[i] is None]
+    if missing:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(i in missing) for i, t in enumerate(terms)]
+            z = forward(*leaves)
+            grads = torch.autograd.grad(z, [leaves[i] for i in missing], g)
+        for i, gi in zip(missing, grads, strict=True):
+            outs[i] = gi
+    return [sum_to_shape(o, t.shape) for o, t in zip(outs, terms, strict=True)]
+
+
+def split_terms(ctx: RuleContext, forward: Forward, terms: Sequence[Tensor], mode: str):
+    """``R`` of ``z = forward(*terms)`` (linear, non-negative coefficients) over every term.
+
+    ``"proportional"``: ``g = R / L(|t_1|, ..., |t_k|)`` (0 where that is 0),
+    ``R_i = |t_i| * L_i^T g``; ``"signed"``: ``g = R / stab(L(t_1, ..., t_k))``,
+    ``R_i = t_i * L_i^T g``, with the proportional split where the signed sum cancels to rounding
+    below ``eps`` (as for add, :func:`.elementwise.split_sum`)."""
+    r = ctx.r
+    mags = [t.abs() for t in terms]
+    if mode == "proportional":
+        gs = _transpose(ctx, forward, terms, ratio(r, forward(*mags)))
+        return [m * g for m, g in zip(mags, gs, strict=True)]
+    z = forward(*terms)
+    n = max(1, sum(t.numel() for t in terms) // max(1, z.numel()))
+    zero = cancelled(z, lambda: forward(*mags), n, ctx.eps)
+    if zero is None:
+        gs = _transpose(ctx, forward, terms, safe_divide(r, z, ctx.eps))
+        return [t * g for t, g in zip(terms, gs, strict=True)]
+    nil = torch.zeros((), dtype=r.dtype, device=r.device)
+    gs = _transpose(ctx, forward, terms, safe_divide(torch.where(zero, nil, r), z, ctx.eps))
+    ge = _transpose(ctx, forward, terms, ratio(torch.where(zero, r, nil), forward(*mags)))
+    return [t * g + m * e for t, g, m, e in zip(terms, gs, mags, ge, strict=True)]
+
+
+def _no_duplicates(ctx: RuleContext, counts: Tensor, how: str) -> None:
+    if bool((counts > 1).any()):
+        raise UncoveredOpError(
+            f"{ctx.fn.name()} (node {ctx.idx}) writes {int((counts > 1).sum())} output "
+            f"element(s) more than once ({how} with duplicate indices): which write wins is "
+            "unspecified, so no element can be named as the one the output copies. Deduplicate "
+            "the indices, or use scatter_reduce(..., reduce='amax') / index_put_(..., "
+            "accumulate=True) if a maximum or a sum is meant."
+        )
+
+
+# --- scatter_add, scatter -------------------------------------------------------------------------
+
+
+def _scatter_add_forward(fn):
+    dim, index = saved(fn, "_saved_dim"), fn._saved_index
+    return lambda a, b: a.scatter_add(dim, index, b)
+
+
+def _value_or_none(ctx: RuleContext, slot: int) -> Tensor | None:
+    return None if ctx.fn.next_functions[slot][0] is None else ctx.input_value(slot)
+
+
+def constant_added(ctx: RuleContext):
+    """``out = self + C`` where ``C`` (the scattered / accumulated / index-added operand) does not
+    require grad and autograd saved nothing of it (not even the index): ``C`` is seen summed per output element, ``C = out - self``,
+    and ``R`` is split over ``self`` and ``C`` like add (``Rules.add``), exactly as for the
+    spelling ``self + C``; ``C``'s share is absorbed."""
+    from .elementwise import split_sum
+
+    a = ctx.input_value(0)
+    try:
+        out = ctx.output_value(0)
+    except ValueRecoveryError as err:
+        raise ValueRecoveryError(_record_advice(ctx, "adds a constant operand")) from err
+    ra, rc = split_sum(ctx, [a, out - a], ctx.rules.add)
+    ctx.absorb(rc)
+    return [ra, None]
+
+
+def scatter_add_rule(ctx: RuleContext):
+    """``out = self.scatter_add(dim, index, src)``: every output element is ``self`` plus the
+    ``src`` elements scattered onto it; ``R`` is split over those terms like add (``Rules.add``,
+    :func:`split_terms`).  A constant ``self`` is rebuilt as ``out - scatter_add(0, src)`` and its
+    share absorbed; a constant ``src`` as :func:`constant_added`."""
+    if ctx.fn.next_functions[1][0] is None:
+        return constant_added(ctx)
+    forward = _scatter_add_forward(ctx.fn)
+    src = ctx.input_value(1)
+    a = _value_or_none(ctx, 0)
+    if a is None:
+        a = _rebuilt_self(ctx, forward, [src])
+    return split_terms(ctx, forward, [a, src], ctx.rules.add)  # a constant's: absorbed
+
+
+def scatter_rule(ctx: RuleContext):
+    """``out = self.scatter(dim, index, src or value)``: an overwrite, so routing
+    (``R_self = R`` where not written, ``R_src = R`` gathered where written); a constant ``self``
+    or ``value`` absorbs its part.  Duplicate write positions are refused."""
+    dim, index = saved(ctx.fn, "_saved_dim"), ctx.fn._saved_index
+    r = ctx.r
+    ones = torch.ones(index.shape, dtype=r.dtype, device=r.device)
+    counts = torch.zeros_like(r).scatter_add(dim, index, ones)
+    _no_duplicates(ctx, counts, "scatter")
+    outs = list(route_like_gradient(ctx))
+    if ctx.fn.next_functions[0][0] is None:  # constant self: keeps R where nothing was written
+        outs[0] = r.masked_fill(counts > 0, 0)
+    if len(outs) > 1 and outs[1] is not None:  # src elements beyond index's extent: unread
+        shape = ctx.input_shape(1)
+        if outs[1].shape != shape:
+            full = outs[1].new_zeros(shape)
+            full[tuple(slice(0, k) for k in index.shape)] = outs[1]
+            outs[1] = full
+    return outs
+
+
+def _scatter_replay(c: ReplayContext):
+    x = c.inputs[0]
+    if x is None:
+        raise ValueRecoveryError("scatter into a tensor that does not require grad")
+    if len(c.inputs) == 1:
+        raise ValueRecoveryError("scatter of a scalar value: autograd did not save the value")
+    return (x.scatter(saved(c.fn, "_saved_dim"), c.fn._saved_index, c.inputs[1]),)
+
+
+def _scatter_add_replay(c: ReplayContext):
+    x, src = c.inputs
+    if x is None:
+        raise ValueRecoveryError("scatter_add into a tensor that does not require grad")
+    return (x.scatter_add(saved(c.fn, "_saved_dim"), c.fn._saved_index, src),)
+
+
+# --- scatter_reduce -------------------------------------------------------------------------------
+
+
+def _scatter_reduce_forward(fn):
+    dim, index, reduce = saved(fn, "_saved_dim"), fn._saved_index, fn._saved_reduce
+    include = fn._saved_include_self
+    return lambda a, b: a.scatter_reduce(dim, index, b, reduce, include_self=include)
+
+
+def scatter_reduce_rule(ctx: RuleContext):
+    """``out = self.scatter_reduce(dim, index, src, reduce, include_self)``:
+
+    - ``"sum"``, ``"mean"``: linear with non-negative coefficients, ``R`` split over the terms
+      (``self`` where included, the ``src`` elements scattered there) like add (``Rules.add``);
+    - ``"amax"``, ``"amin"``: winner takes all, ``R`` to the elements equal to the output, ties
+      split evenly (the node's backward routes exactly so);
+    - ``"prod"``: the uniform rule of a product, ``R / n`` to each of the ``n`` factors.
+
+    ``self`` and ``src`` are saved by the node; a constant one takes its share (absorbed)."""
+    reduce = ctx.fn._saved_reduce
+    if reduce in ("amax", "amin"):
+        return _winner_shares(ctx)
+    if reduce == "prod":
+        return _product_shares(ctx)
+    forward = _scatter_reduce_forward(ctx.fn)
+    terms = [ctx.fn._saved_self, ctx.fn._saved_src]
+    return split_terms(ctx, forward, terms, ctx.rules.add)
+
+
+def _winner_masks(ctx: RuleContext) -> tuple[Tensor, Tensor, Tensor]:
+    """``(self is a winner, src is a winner, number of winners per output element)``."""
+    fn = ctx.fn
+    dim, index, include = saved(fn, "_saved_dim"), fn._saved_index, fn._saved_include_self
+    x, src, out = fn._saved_self, fn._saved_src, fn._saved_result
+    used = src[tuple(slice(0, k) for k in index.shape)]  # scatter reads src where index is
+    written = torch.zeros_like(out).scatter_add(dim, index, torch.ones_like(used))
+    self_in = torch.ones_like(out, dtype=torch.bool) if include else written == 0
+    dtype = ctx.r.dtype
+    self_win = ((x == out) & self_in).to(dtype)
+    src_win = torch.zeros(src.shape, dtype=dtype, device=src.device)
+    src_win[tuple(slice(0, k) for k in index.shape)] = (used == out.gather(dim, index)).to(dtype)
+    n = self_win.scatter_add(dim, index, src_win)
+    return self_win, src_win, n
+
+
+def _winner_shares(ctx: RuleContext):
+    """amax / amin: ``R`` to the winners (elements equal to the output), ties split evenly."""
+    dim, index = saved(ctx.fn, "_saved_dim"), ctx.fn._saved_index
+    self_win, src_win, n = _winner_masks(ctx)
+    g = ratio(ctx.r, n)
+    g_src = torch.zeros_like(src_win)
+    g_src[tuple(slice(0, k) for k in index.shape)] = g.gather(dim, index)
+    return [self_win * g, src_win * g_src]
+
+
+def _product_shares(ctx: RuleContext):
+    """prod: ``R / n`` to each of the ``n`` factors of an output element (``self`` where it is
+    included, each ``src`` element scattered there).  No forward value is needed."""
+    fn = ctx.fn
+    dim, index, include = saved(fn, "_saved_dim"), fn._saved_index, fn._saved_include_self
+    r = ctx.r
+    ones = torch.ones(index.shape, dtype=r.dtype, device=r.device)
+    written = torch.zeros_like(r).scatter_add(dim, index, ones)
+    self_in = torch.ones_like(r) if include else (written == 0).to(r.dtype)
+    g = ratio(r, self_in + written)
+    src_shape = ctx.input_shape(1) if fn.next_functions[1][0] is not None else index.shape
+    g_src = torch.zeros(src_shape, dtype=r.dtype, device=r.device)
+    g_src[tuple(slice(0, k) for k in index.shape)] = g.gather(dim, index)
+    return [self_in * g, g_src]
+
+
+# --- index_put ------------------------------------------------------------------------------------
+
+
+def _index_put_forward(fn):
+    indices = list(fn._saved_indices)
+    accumulate = bool(fn._saved_accumulate)
+    return lambda a, b: torch.ops.aten.index_put.default(a, indices, b, accumulate)
+
+
+def index_put_rule(ctx: RuleContext):
+    """``out = self.index_put(indices, values, accumulate)`` (``y[idx] = v``, ``y[mask] = v``):
+
+    - ``accumulate=True``: ``out = self + (values summed into the indexed positions)``, ``R``
+      split over those terms like add (``Rules.add``, :func:`split_terms`); a constant ``self``
+      is rebuilt as ``out - index_put(0, indices, values, True)`` and absorbs its share, constant
+      values are seen as ``out - self`` (:func:`constant_added`);
+    - ``accumulate=False``: an overwrite, routing (``R_self = R`` where not written,
+      ``R_values = R`` at the written positions, summed over a broadcast value); a constant
+      operand absorbs its part.  Duplicate write positions are refused."""
+    fn = ctx.fn
+    indices = list(fn._saved_indices)
+    r = ctx.r
+    if not bool(fn._saved_accumulate):
+        counts = torch.ops.aten.index_put.default(
+            torch.zeros_like(r), indices, torch.ones((), dtype=r.dtype, device=r.device), True
+        )
+        _no_duplicates(ctx, counts, "index_put / y[idx] = v")
+        outs = list(route_like_gradient(ctx))
+        if fn.next_functions[0][0] is None:
+            outs[0] = r.masked_fill(counts > 0, 0)
+        if len(outs) > 1 and fn.next_functions[1][0] is None:  # constant values: absorbed
+            outs[1] = r.masked_fill(counts == 0, 0)
+        return outs
+    if len(fn.next_functions) < 2 or fn.next_functions[1][0] is None:
+        return constant_added(ctx)[: len(fn.next_functions)]
+    forward = _index_put_forward(fn)
+    values = ctx.input_value(1)
+    a = _value_or_none(ctx, 0)
+    if a is None:
+        a = _rebuilt_self(ctx, forward, [values])
+    return split_terms(ctx, forward, [a, values], ctx.rules.add)
+
+
+def _index_put_replay(c: ReplayContext):
+    x = c.inputs[0]
+    if x is None or len(c.inputs) < 2 or c.inputs[1] is None:
+        raise ValueRecoveryError("index_put with an operand that does not require grad")
+    return (_index_put_forward(c.fn)(x, c.inputs[1]),)
+
+
+# --- embedding_bag --------------------------------------------------------------------------------
+
+_SUM, _MEAN, _MAX = 0, 1, 2
+
+
+def _bag_call(fn, weight: Tensor, psw: Tensor | None):
+    """The aten call ``F.embedding_bag`` made, from the node's saved arguments."""
+    offsets = fn._saved_offsets
+    n_bags = fn._input_metadata[0].shape[0]
+    include_last = offsets.numel() == n_bags + 1 and fn._saved_indices.dim() == 1
+    return torch.ops.aten._embedding_bag.default(
+        weight,
+        fn._saved_indices,
+        offsets,
+        bool(fn._saved_scale_grad_by_freq),
+        int(fn._saved_mode),
+        False,
+        psw,
+        include_last,
+        saved(fn, "_saved_padding_idx"),
+    )
+
+
+def _bag_forward(fn):
+    psw = fn._saved_per_sample_weights
+    return lambda _fn, w: _bag_call(fn, w, psw)[0]
+
+
+def embedding_bag_rule(ctx: RuleContext):
+    """``out = embedding_bag(indices, W, offsets, mode)``, a function of the table ``W``:
+
+    - ``mode="sum"`` / ``"mean"``: linear in ``W`` (coefficients 1, ``1 / bag size``, or the
+      constant ``per_sample_weights``): the linear-reduction rule (``Rules.reduction``); with a
+      negative per-sample weight always the signed form ``R_W = W * L^T(R / stab(L W))``;
+    - ``mode="max"``: winner takes all per bag and feature, ``R`` to the rows whose element equals
+      the output, ties between distinct rows split evenly; an empty bag's ``R`` is absorbed.
+
+    ``per_sample_weights`` that depend on the data (a product of two data operands) are refused."""
+    fn = ctx.fn
+    if ctx.n_inputs() > 1 and fn.next_functions[1][0] is not None and ctx.data[1]:
+        raise UncoveredOpError(
+            f"{fn.name()} (node {ctx.idx}): F.embedding_bag with per_sample_weights that depend "
+            "on the data is a product of two data operands inside one op, and is not supported. "
+            "Write it out, e.g. (W[indices] * psw[:, None]) summed per bag with index_add, or "
+            "pass per_sample_weights.detach() to hold them constant."
+        )
+    mode = int(fn._saved_mode)
+    if mode == _MAX:
+        return _bag_max(ctx) + [None] * (ctx.n_inputs() - 1)
+    forward = _bag_forward(fn)
+    psw = fn._saved_per_sample_weights
+    if ctx.rules.reduction == "proportional" and (psw is None or not bool((psw < 0).any())):
+        rule = linear_reduction(forward)
+    else:
+        rule = signed_linear_map(forward)
+    # (the node's backward returns the table's gradient first: L^T of the table)
+    return list(rule(ctx)) + [None] * (ctx.n_inputs() - 1)
+
+
+def _bag_max(ctx: RuleContext) -> list[Tensor]:
+    fn = ctx.fn
+    w = ctx.input_value(0)
+    out = _bag_call(fn, w, None)[0]
+    indices = fn._saved_indices.reshape(-1)
+    bag = fn._saved_result1.reshape(-1)  # offset2bag: the bag of each index
+    if bag.numel() != indices.numel():
+        raise UncoveredOpError(f"{fn.name()} (node {ctx.idx}): unexpected offset2bag layout")
+    rows = w[indices]
+    win = rows == out[bag]
+    pad = saved(fn, "_saved_padding_idx")
+    if pad >= 0:
+        win &= (indices != pad)[:, None]
+    r = ctx.r
+    win = win.to(r.dtype)
+    n = torch.zeros_like(r).index_add(0, bag, win)
+    g = ratio(r, n)
+    rw = torch.zeros(w.shape, dtype=r.dtype, device=r.device).index_add(0, indices, win * g[bag])
+    ctx.absorb(r.masked_fill(n > 0, 0))  # empty bags: the output is 0, a constant
+    return [rw]
+
+
+def _bag_replay(c: ReplayContext):
+    psw = c.inputs[1] if len(c.inputs) > 1 and c.inputs[1] is not None else None
+    if psw is None:
+        psw = c.fn._saved_per_sample_weights
+    return (_bag_call(c.fn, c.inputs[0], psw)[0],)
+
+
+# --- fold / unfold --------------------------------------------------------------------------------
+
+
+def _fold_forward(fn, x):
+    out_size = tuple(fn._input_metadata[0].shape)[-2:]
+    return F.fold(
+        x,
+        out_size,
+        fn._saved_kernel_size,
+        dilation=fn._saved_dilation,
+        padding=fn._saved_padding,
+        stride=fn._saved_stride,
+    )
+
+
+def _unfold_replay(c: ReplayContext):
+    fn = c.fn
+    return (
+        F.unfold(
+            c.inputs[0],
+            fn._saved_kernel_size,
+            dilation=fn._saved_dilation,
+            padding=fn._saved_padding,
+            stride=fn._saved_stride,
+        ),
+    )
+
+
+TABLE = {
+    "ScatterAddBackward0": OpEntry(
+        "reduction", scatter_add_rule, needs_values=True, replay=_scatter_add_replay
+    ),
+    "ScatterBackward0": OpEntry("routing", scatter_rule, replay=_scatter_replay),
+    "ScatterBackward1": OpEntry("routing", scatter_rule, replay=_scatter_replay),
+    "ScatterReduceBackward0": OpEntry(
+        "reduction",
+        scatter_reduce_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_src"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (_scatter_reduce_forward(c.fn)(c.inputs[0], c.inputs[1]),),
+    ),
+    "IndexPutBackward0": OpEntry(
+        "reduction", index_put_rule, needs_values=True, replay=_index_put_replay
+    ),
+    "EmbeddingBagBackward0": OpEntry(
+        "reduction",
+        embedding_bag_rule,
+        saved_inputs={0: "_saved_weight"},
+        replay=_bag_replay,
+    ),
+    "Col2ImBackward0": OpEntry(
+        "reduction",
+        linear_reduction(_fold_forward),
+        needs_values=True,
+        replay=lambda c: (_fold_forward(c.fn, c.inputs[0]),),
+    ),
+    "Im2ColBackward0": OpEntry("routing", route_like_gradient, replay=_unfold_replay),
+}
