@@ -246,15 +246,16 @@ def test_graph_kept_with_retain_graph_works():
 
 
 class Double(torch.autograd.Function):
-    """``2 x`` as a custom Function: an opaque node ``DoubleBackward`` in the graph."""
+    """``2 flip(x)`` as a custom Function: an opaque node ``DoubleBackward`` in the graph that
+    mixes elements (an element-wise one is probed and explained, ``tests/test_probe.py``)."""
 
     @staticmethod
     def forward(ctx, a):
-        return a * 2
+        return a.flip(-1) * 2
 
     @staticmethod
     def backward(ctx, g):
-        return g * 2
+        return g.flip(-1) * 2
 
 
 def _custom_model(x):
@@ -284,7 +285,7 @@ def test_custom_function_with_a_registered_rule_works(monkeypatch):
     x = leaf(3, 6, seed=6)
     _, f = _custom_model(x)
     monkeypatch.setitem(
-        dynamiclrp.OP_TABLE, "DoubleBackward", OpEntry("elementwise", lambda c: (c.r,))
+        dynamiclrp.OP_TABLE, "DoubleBackward", OpEntry("routing", lambda c: (c.r.flip(-1),))
     )
     rel = dynamiclrp.explain(f(x), x, target=0, rules=LRP0)
     close_to_oracle(rel, grad_x_input(f, x, 0))

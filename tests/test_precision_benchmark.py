@@ -172,13 +172,13 @@ class _Opaque(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.dtype = x.dtype
-        return x * 2
+        return x.flip(-1) * 2  # mixes elements: the element-wise probe declines it
 
     @staticmethod
     def backward(ctx, g):
         if ctx.dtype == torch.bfloat16:
             raise RuntimeError("backward not implemented for 'BFloat16'")
-        return g * 2
+        return g.flip(-1) * 2
 
 
 class _WithOpaque(nn.Module):
