@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .rules import OP_TABLE
 from .rules.attention import FUSED_SDPA_NODES
@@ -119,20 +120,27 @@ class Recording(TorchFunctionMode):
             self._unfrozen = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, Tensor):
-            self._keep(out)
-        elif isinstance(out, tuple):
-            for t in out:
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():  # no_grad and inference_mode: autograd makes no node
+            return func(*args, **kwargs)
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        before = _version(first)
+        out = func(*args, **kwargs)
+        # reads go to the tensors' C++ attributes, not to a subclass's __torch_function__
+        with torch._C.DisableTorchFunctionSubclass():
+            for t in tree_leaves(out):
                 if isinstance(t, Tensor):
                     self._keep(t)
-        if args and isinstance(args[0], Tensor):
-            if args[0] is not out:
-                self._keep(args[0])  # in-place writes (y[:, 0] = v) change their first argument
-            if args[0]._base is not None:
-                self._keep(args[0]._base)  # h[:, :3].add_(c) writes into h (a CopySlices node)
-        if func is _SDPA and isinstance(out, Tensor) and out.grad_fn is not None:
-            self._keep_sdpa_mask_add(out, args, kwargs or {})
+            # an in-place write (y[:, 0] = v, h[:, :3].add_(c)) changes its first argument, and
+            # through a view the view's base (a CopySlices node): keep both.  Only a tensor the op
+            # wrote is read: reading the grad_fn of any argument could raise (a view made under
+            # no_grad whose base was written since) where the unrecorded code would not.
+            if first is not None and _version(first) != before:
+                self._keep(first)
+                if first._base is not None:
+                    self._keep(first._base)
+            if func is _SDPA and isinstance(out, Tensor) and out.grad_fn is not None:
+                self._keep_sdpa_mask_add(out, args, kwargs)
         return out
 
     def _keep_sdpa_mask_add(self, out: Tensor, args: tuple, kwargs: dict) -> None:
@@ -153,6 +161,8 @@ class Recording(TorchFunctionMode):
             self._values[fn] = value.to(fn._input_metadata[0].dtype)
 
     def _keep(self, t: Tensor) -> None:
+        if not t.requires_grad or t.is_nested:  # no node (a nested tensor has no fixed shape)
+            return
         fn = t.grad_fn
         # composite ops (F.linear on 3-D input) return a reshape of the node that needs recording
         while fn is not None and type(fn).__name__ in RESHAPES:
@@ -179,6 +189,15 @@ class Recording(TorchFunctionMode):
 
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _version(t: Tensor | None) -> int | None:
+    """``t._version`` (counts in-place writes), ``None`` for no tensor or an inference tensor
+    (which has no version counter)."""
+    if t is None:
+        return None
+    with torch._C.DisableTorchFunctionSubclass():
+        return None if t.is_inference() else t._version
 
 
 def _sdpa_arguments(
