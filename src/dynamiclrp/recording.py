@@ -157,8 +157,10 @@ class Recording(TorchFunctionMode):
         fn = adds[0]
         with torch.no_grad():
             value = _scores_plus_mask(**call)
-        if tuple(value.shape) == tuple(fn._input_metadata[0].shape):
-            self._values[fn] = value.to(fn._input_metadata[0].dtype)
+        shape = tuple(fn._input_metadata[0].shape)
+        if _strip_ones(value.shape) == _strip_ones(shape):
+            # the math path may add leading unit dimensions (3-D inputs run as 4-D ones)
+            self._values[fn] = value.reshape(shape).to(fn._input_metadata[0].dtype)
 
     def _keep(self, t: Tensor) -> None:
         if not t.requires_grad or t.is_nested:  # no node (a nested tensor has no fixed shape)
@@ -189,6 +191,14 @@ class Recording(TorchFunctionMode):
 
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _strip_ones(shape) -> tuple[int, ...]:
+    """``shape`` without its leading unit dimensions: ``(1, 4, 3, 6) -> (4, 3, 6)``."""
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def _version(t: Tensor | None) -> int | None:
