@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dynamiclrp
+from dynamiclrp import ValueRecoveryError
 from dynamiclrp.recording import Recording
 
 D = torch.float64
@@ -74,3 +75,119 @@ def test_sdpa_3d_with_dropout_under_record_equals_4d():
     rel = dynamiclrp.explain(out, q, relevance=r, recording=rec)
     rel4 = dynamiclrp.explain(out4, q, relevance=r[None], recording=rec4)
     torch.testing.assert_close(rel, rel4, rtol=1e-12, atol=1e-12)
+
+
+# -- masked softmax: the -inf fill rebuilt from the softmax's saved output ------------------------
+
+KEEP = torch.ones(5, 5, dtype=torch.bool).tril()
+
+
+def _masked_attention(x, w, fill=float("-inf"), log=False, keep=KEEP):
+    s = (x @ w) @ x.transpose(-1, -2)
+    s = s.masked_fill(~keep, fill)
+    p = torch.log_softmax(s, -1).exp() if log else torch.softmax(s, -1)
+    return p @ x
+
+
+def _xw(seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(2, 5, 4, dtype=D, requires_grad=True), torch.randn(4, 4, dtype=D)
+
+
+@pytest.mark.parametrize("preset", ["epsilon", "dynamiclrp", "attnlrp"])
+@pytest.mark.parametrize("log", [False, True])
+def test_masked_softmax_without_record_equals_with_record(preset, log):
+    """``x.masked_fill(mask, -inf)`` before a softmax: autograd keeps the mask, not the fill; the
+    softmax's saved output is 0 (log-softmax: -inf) on the mask, so the logits are rebuilt.
+    Oracle: the same model explained with a recording, which keeps the filled logits."""
+    x, w = _xw()
+    r = torch.linspace(-1, 2, x.numel(), dtype=D).reshape(x.shape)
+    with dynamiclrp.record() as rec:
+        out = _masked_attention(x, w, log=log)
+    assert len(rec) == 1
+    expected, ref_report = dynamiclrp.explain(
+        out, x, relevance=r, recording=rec, rules=preset, return_report=True
+    )
+    got, report = dynamiclrp.explain(
+        _masked_attention(x, w, log=log), x, relevance=r, rules=preset, return_report=True
+    )
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert report.promises.get("replay", 0) >= 1
+    torch.testing.assert_close(report.residual, ref_report.residual)
+
+
+def test_masked_softmax_with_finfo_min_fill_gives_the_recorded_map():
+    """A finite fill whose softmax underflows to 0 (``finfo.min``, as many models write it) gives
+    every input the relevance the recording (which keeps finfo.min) gives."""
+    x, w = _xw()
+    r = torch.linspace(-1, 2, x.numel(), dtype=D).reshape(x.shape)
+    fill = torch.finfo(D).min
+    with dynamiclrp.record() as rec:
+        out = _masked_attention(x, w, fill=fill)
+    expected = dynamiclrp.explain(out, x, relevance=r, recording=rec, rules="epsilon")
+    got = dynamiclrp.explain(_masked_attention(x, w, fill=fill), x, relevance=r, rules="epsilon")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_masked_softmax_with_a_finite_fill_is_refused():
+    x, w = _xw()
+    out = _masked_attention(x, w, fill=-1.0)  # the softmax is not 0 on the mask
+    with pytest.raises(ValueRecoveryError, match=r"MaskedFillBackward0.*finite value.*record\("):
+        dynamiclrp.explain(out, x, relevance=torch.ones_like(out))
+    with dynamiclrp.record() as rec:
+        out = _masked_attention(x, w, fill=-1.0)
+    rel = dynamiclrp.explain(out, x, relevance=torch.ones_like(out), recording=rec)
+    assert torch.isfinite(rel).all()
+
+
+def test_masked_fill_read_by_another_op_is_refused():
+    x, w = _xw()
+    s = ((x @ w) @ x.transpose(-1, -2)).masked_fill(~KEEP, float("-inf"))
+    b = x.sum(-1, keepdim=True) * 0.1  # the add's rule needs s itself
+    out = torch.softmax(s, -1) @ x + torch.softmax(s + b, -1) @ x
+    with pytest.raises(ValueRecoveryError, match=r"every\s+consumer is a softmax.*reads it"):
+        dynamiclrp.explain(out, x, relevance=torch.ones_like(out))
+
+
+def test_a_cached_plan_checks_the_fill_again():
+    """The plan remembers that the value was replayed; the values decide each run anew."""
+    x, w = _xw()
+    lrp = dynamiclrp.LRP("epsilon")
+    out = _masked_attention(x, w)
+    lrp.explain(out, x, relevance=torch.ones_like(out))
+    out = _masked_attention(x, w, fill=-1.0)
+    with pytest.raises(ValueRecoveryError, match="finite value"):
+        lrp.explain(out, x, relevance=torch.ones_like(out))
+    assert lrp.last_plan_cached
+
+
+# -- a view we hold keeps its base ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("write", ["add", "mul", "set"])
+def test_output_view_of_a_written_base_needs_no_recording(write):
+    """``h[:, :3].add_(c)`` records CopySlices, whose rule needs h's value after the write; the
+    output ``h[:, 1:5]`` is a view whose ``_base`` is h, so that value is at hand.
+    Oracle: the recorded run."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, dtype=D, requires_grad=True)
+    w = torch.randn(4, 6, dtype=D)
+
+    def model():
+        h = (x @ w) * 1.0
+        if write == "add":
+            h[:, :3].add_(0.5)
+        elif write == "mul":
+            h[:, :3].mul_(0.5)
+        else:
+            h[:, 0] = 2.0
+        return h[:, 1:5]
+
+    r = torch.linspace(-1, 2, 12, dtype=D).reshape(3, 4)
+    with dynamiclrp.record() as rec:
+        out = model()
+    expected = dynamiclrp.explain(out, x, relevance=r, recording=rec, rules="epsilon")
+    out = model()
+    assert type(out._base.grad_fn).__name__ == "CopySlices"
+    got = dynamiclrp.explain(out, x, relevance=r, rules="epsilon")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

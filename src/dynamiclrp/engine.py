@@ -122,6 +122,8 @@ class LRP:
         run.resolver.known((0, root_nr), cast_value(output.detach(), dtype))
         for e, t in zip(requested, tensors, strict=True):
             run.resolver.known(e, cast_value(t.detach(), dtype))
+        for t in (output, *tensors):  # a view's base: its value is its grad_fn's output
+            run.resolver.known_base(t, lambda v: cast_value(v, dtype))
         if recording is not None:
             run.resolver.recorded = True
             for e, v in recording.values_for(graph).items():
