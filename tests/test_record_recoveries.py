@@ -191,3 +191,19 @@ def test_output_view_of_a_written_base_needs_no_recording(write):
     assert type(out._base.grad_fn).__name__ == "CopySlices"
     got = dynamiclrp.explain(out, x, relevance=r, rules="epsilon")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_failed_replay_in_a_graph_with_unrecorded_constants_suggests_record():
+    """A value no replay can rebuild (a top-k output) in a graph with a frozen bias: the error
+    also names the unrecorded constant and advises record(model); without one it does not."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 6).double()
+    x = torch.randn(2, 4, dtype=D, requires_grad=True)
+    out = torch.softmax(lin(x).topk(3, -1).values, -1)
+    with pytest.raises(ValueRecoveryError, match="TopkBackward0") as plain:
+        dynamiclrp.explain(out, x, target=0)
+    assert "record(model)" not in str(plain.value)
+    lin.requires_grad_(False)
+    out = torch.softmax(lin(x).topk(3, -1).values, -1)
+    with pytest.raises(ValueRecoveryError, match=r"TopkBackward0.*AddmmBackward0.*record\(model\)"):
+        dynamiclrp.explain(out, x, target=0)

@@ -230,7 +230,7 @@ class PromiseResolver:
                 f"{self.graph.describe(e[0])}: no node saved it and the op has no replay rule, "
                 "but a rule upstream needs it (a promise passed through here). Add a replay "
                 "entry for this op to the op table (dynamiclrp.rules), or request the tensor "
-                "itself in inputs (a requested tensor's value is known)."
+                "itself in inputs (a requested tensor's value is known)." + self._record_hint()
             )
         self.plan.sources[e] = (REPLAY, e[0], "")
         return None
@@ -273,6 +273,24 @@ class PromiseResolver:
                 "retain_graph=True) or modified in place. Explain a fresh forward pass, or keep "
                 f"the graph with retain_graph=True. PyTorch said: {err}"
             ) from err
+
+    def _record_hint(self) -> str:
+        """Advice to record, when the graph has unrecorded constants and no recording was given:
+        frozen parameters (``requires_grad=False``) leave their layers' biases unrecorded, and
+        the promise that failed may be one such a bias made necessary."""
+        if self.recorded:
+            return ""
+        g = self.graph
+        for j, name in enumerate(g.names):
+            check = NEEDS_RECORDING.get(name)
+            if check is not None and check(g.fns[j]):
+                return (
+                    f" The graph also holds constants autograd did not record (first at "
+                    f"{g.describe(j)}; frozen parameters leave their biases so): run the forward "
+                    "pass under `with dynamiclrp.record(model) as rec:` and pass recording=rec to "
+                    "explain, which records frozen parameters and keeps those results."
+                )
+        return ""
 
     def _check_masked_softmax(self, j: int) -> None:
         """Check that ``x.masked_fill(mask, fill)`` (node ``j``) may be rebuilt as
