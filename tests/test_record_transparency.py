@@ -155,10 +155,12 @@ def test_non_tensor_and_nested_outputs_under_record():
         counts = torch.unique(torch.tensor([1, 1, 2]), return_counts=True)
         nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(1, 3)])
         nested_out = nested + 1.0
+        sparse = x.detach().to_sparse().requires_grad_()
+        sparse_out = sparse * 2.0 + torch.ones(4, 3, dtype=D).to_sparse()  # no reshape exists
         scalar = (x.sum() + 1.0).item()
     assert size == (4, 3) and len(items) == 4 and len(parts) == 2 and len(rows) == 4
     assert values.shape == (3,) and vectors.shape == (3, 3) and counts[1].tolist() == [2, 1]
-    assert nested_out.is_nested and isinstance(scalar, float)
+    assert nested_out.is_nested and sparse_out.is_sparse and isinstance(scalar, float)
     assert len(rec) == 2  # x + 1.0 and x.sum() + 1.0 (a multiply by a scalar is not kept)
 
 

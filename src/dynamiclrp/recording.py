@@ -150,6 +150,9 @@ class Recording(TorchFunctionMode):
         call = _sdpa_arguments(*args, **kwargs)
         if call["attn_mask"] is None and not call["is_causal"]:
             return  # the math path adds nothing then
+        tensors = [t for t in call.values() if isinstance(t, Tensor)]
+        if any(t.is_nested or t.layout != torch.strided for t in tensors):
+            return  # not rebuilt here (nor explained by the engine)
         stops = {t.grad_fn for t in call.values() if isinstance(t, Tensor)} - {None}
         adds = _unrecorded_adds_below(out.grad_fn, stops)
         if len(adds) != 1:
@@ -163,8 +166,8 @@ class Recording(TorchFunctionMode):
             self._values[fn] = value.reshape(shape).to(fn._input_metadata[0].dtype)
 
     def _keep(self, t: Tensor) -> None:
-        if not t.requires_grad or t.is_nested:  # no node (a nested tensor has no fixed shape)
-            return
+        if not t.requires_grad or t.is_nested or t.layout != torch.strided:
+            return  # no node; or a nested / sparse tensor, which the engine does not explain
         fn = t.grad_fn
         # composite ops (F.linear on 3-D input) return a reshape of the node that needs recording
         while fn is not None and type(fn).__name__ in RESHAPES:
