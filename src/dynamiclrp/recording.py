@@ -16,7 +16,15 @@ when ``scaled_dot_product_attention`` takes PyTorch's C++ math path (float32 gro
 attention on CUDA, multi-query attention, 3-D inputs, a forced math backend), it adds the mask
 (``is_causal``, a boolean or a float ``attn_mask``) to the scores inside C++.  The recording
 rebuilds that sum, ``(q k^T) * scale + mask``, from the call's own arguments and keeps it for the
-``AddBackward0`` node the composite made.
+``AddBackward0`` node the composite made (reshaped where the math path ran 3-D inputs as 4-D).
+
+The recording is transparent: code that runs without it runs with it, with the same values, graph,
+gradients and random stream.  It reads nothing under ``no_grad`` or ``inference_mode`` (autograd
+makes no node there), and of each op only the tensors it returned and the first argument when the
+op wrote it (its version counter moved), bypassing tensor subclasses' ``__torch_function__``:
+reading the ``grad_fn`` of an arbitrary argument can raise (a view made under ``no_grad`` whose
+base was written since, as ``nn.Embedding(padding_idx=...)`` makes) where the code itself does
+not.  :func:`dynamiclrp.attribute` runs the forward pass under it for the caller.
 """
 
 from __future__ import annotations
