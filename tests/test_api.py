@@ -335,6 +335,8 @@ def test_attribute_dict_inputs_hf_logits_and_a_recorded_mask():
     rel = dynamiclrp.attribute(model, {"inputs_embeds": e}, target=1, attention_mask=mask)
     assert set(rel) == {"inputs_embeds"} and rel["inputs_embeds"].shape == e.shape
     el = e.clone().requires_grad_()
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="record"):  # the mask add
+        dynamiclrp.explain(model(inputs_embeds=el, attention_mask=mask).logits, el, target=1)
     with dynamiclrp.record(model) as rec:
         out = model(inputs_embeds=el, attention_mask=mask).logits
     want = dynamiclrp.explain(out, el, target=1, recording=rec)
