@@ -252,3 +252,104 @@ def test_requesting_an_intermediate_tensor_does_not_move_the_first_layer():
     h = x @ w1.t()
     both = dynamiclrp.explain(torch.nn.functional.linear(h, w2), [x, h], 0, rules=rules)
     torch.testing.assert_close(both[0], alone)
+
+
+# --- model-level entry point: LRP.attribute / dynamiclrp.attribute ------------------------------
+
+
+def test_attribute_runs_the_model_and_equals_the_layerwise_oracle():
+    model = mlp().eval()
+    x = torch.randn(3, 5, dtype=torch.float64)  # does not require grad: a leaf copy is made
+    rules = dynamiclrp.Rules(eps=1e-12)
+    rel = dynamiclrp.LRP(rules).attribute(model, x, target=2)
+    out = model(x)
+    seed = torch.zeros_like(out)
+    seed[:, 2] = out[:, 2].detach()
+    torch.testing.assert_close(rel, lrp0_expected(model, x, seed), rtol=1e-7, atol=1e-10)
+    assert rel.shape == x.shape and not x.requires_grad and rel.grad_fn is None
+
+
+def test_attribute_on_a_frozen_model_records_and_leaves_its_state():
+    """Frozen parameters need a recording: attribute makes it; flags, mode, state restored."""
+    model = mlp().train(False)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    reference = dynamiclrp.attribute(model, x, target=1)
+    model.requires_grad_(False)
+    model[2].bias.requires_grad_(True)  # a mix of flags, restored as they were
+    flags = [p.requires_grad for p in model.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="record"):
+        xl = x.clone().requires_grad_()
+        dynamiclrp.explain(model(xl), xl, target=1)
+    rel, report = dynamiclrp.attribute(model, x, target=1, return_report=True)
+    torch.testing.assert_close(rel, reference, rtol=1e-12, atol=1e-14)
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert abs(report.residual) < 1e-9
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b = nn.Linear(4, 3).double(), nn.Linear(2, 3).double()
+
+    def forward(self, x, y, scale=1.0):
+        return (self.a(x).relu() + self.b(y)) * scale, "extra"  # a tuple: the first is explained
+
+
+def test_attribute_tuple_inputs_forward_kwargs_and_tuple_output():
+    model = TwoInputs()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    y = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)  # used as it is
+    rel = dynamiclrp.attribute(model, (x, y), target=[0, 2], scale=3.0)
+    assert isinstance(rel, tuple) and rel[0].shape == x.shape and rel[1].shape == y.shape
+    xl = x.clone().requires_grad_()
+    out = model(xl, y, scale=3.0)[0]
+    want = dynamiclrp.explain(out, (xl, y), target=[0, 2])
+    for got, exp in zip(rel, want, strict=True):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+    assert y.grad is None and y.requires_grad and not x.requires_grad
+
+
+def test_attribute_dict_inputs_hf_logits_and_a_recorded_mask():
+    """A Hugging Face model (``.logits``), its embeddings passed by name, its attention mask as a
+    forward kwarg, eager attention (an additive mask: needs the recording attribute makes)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    cfg._attn_implementation = "eager"
+    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    e = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    rel = dynamiclrp.attribute(model, {"inputs_embeds": e}, target=1, attention_mask=mask)
+    assert set(rel) == {"inputs_embeds"} and rel["inputs_embeds"].shape == e.shape
+    el = e.clone().requires_grad_()
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="record"):  # the mask add
+        dynamiclrp.explain(model(inputs_embeds=el, attention_mask=mask).logits, el, target=1)
+    with dynamiclrp.record(model) as rec:
+        out = model(inputs_embeds=el, attention_mask=mask).logits
+    want = dynamiclrp.explain(out, el, target=1, recording=rec)
+    torch.testing.assert_close(rel["inputs_embeds"], want, rtol=0, atol=0)
+
+
+def test_attribute_refuses_what_it_cannot_explain():
+    from dynamiclrp import InputError
+
+    model = mlp()
+    with pytest.raises(InputError, match=r"inputs\[0\] has dtype torch.int64.*inputs_embeds"):
+        dynamiclrp.attribute(model, torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(InputError, match=r"returned a dict.*\.logits"):
+        dynamiclrp.attribute(lambda x: {"y": model(x)}, torch.ones(2, 5, dtype=torch.float64))
+    with pytest.raises(GraphError, match="inference_mode"), torch.inference_mode():
+        dynamiclrp.attribute(model, torch.ones(2, 5, dtype=torch.float64))

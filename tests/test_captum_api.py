@@ -402,9 +402,11 @@ def test_frozen_parameters_without_record_say_what_to_do():
     model = _make(MLP)
     model.requires_grad_(False)
     with pytest.raises(ValueRecoveryError, match="record=True"):
-        DynamicLRP(model).attribute(_data(2, 6), target=0)
+        DynamicLRP(model, record=False).attribute(_data(2, 6), target=0)
     assert not any(p.requires_grad for p in model.parameters())
-    got = DynamicLRP(model, record=True).attribute(_data(2, 6), target=0)
+    got = DynamicLRP(model).attribute(_data(2, 6), target=0)  # records by default
+    assert not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(got, DynamicLRP(model, record=True).attribute(_data(2, 6), target=0))
     model.requires_grad_(True)
     want = DynamicLRP(model).attribute(_data(2, 6), target=0)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

@@ -81,6 +81,49 @@ def explain(
     return (rel, lrp.report) if return_report else rel
 
 
+def attribute(
+    model,
+    inputs,
+    target=None,
+    *,
+    rules: str | Rules = "dynamiclrp",
+    return_report: bool = False,
+    relevance: Tensor | None = None,
+    dtype=None,
+    **forward_kwargs,
+):
+    """Run ``model(*inputs, **forward_kwargs)`` and explain its output in terms of ``inputs``.
+
+    The model-level counterpart of :func:`explain`: the forward pass runs under
+    :func:`record` (``record(model)``), so no knowledge of recording is needed::
+
+        rel = dynamiclrp.attribute(model.eval(), x, target=3)
+        rel = dynamiclrp.attribute(llm, {"inputs_embeds": e}, target=t, attention_mask=m)
+
+    Parameters
+    ----------
+    model:
+        The model (an ``nn.Module`` or a callable), run in its current mode.
+    inputs:
+        A floating-point tensor, a tuple (positional) or a dict (by name) of them; copies that
+        require grad are made where they do not.
+    target, relevance, dtype:
+        As for :func:`explain`.
+    rules, return_report:
+        As for :func:`explain`.
+    **forward_kwargs:
+        Passed to the model; they receive no relevance.
+
+    Returns
+    -------
+    The relevance in the form of ``inputs`` (see :meth:`LRP.attribute`); with
+    ``return_report=True`` a ``(relevance, report)`` pair.
+    """
+    lrp = LRP(rules, cache_size=0)
+    rel = lrp.attribute(model, inputs, target, relevance=relevance, dtype=dtype, **forward_kwargs)
+    return (rel, lrp.report) if return_report else rel
+
+
 __all__ = [
     "LRP",
     "CoverageReport",
@@ -107,6 +150,7 @@ __all__ = [
     "WSquare",
     "ZBox",
     "ZPlus",
+    "attribute",
     "explain",
     "preset",
     "record",

@@ -47,10 +47,12 @@ class DynamicLRP:
         ``docs/presets.md``) or a :class:`~dynamiclrp.presets.Rules` object.
     record:
         Run the forward pass under :func:`dynamiclrp.record` (``record(forward_func)`` when it is a
-        module): needed for models with frozen parameters (``requires_grad=False``) or eager
-        attention masks; the error says when.  Frozen flags are restored after the call.  When
-        ``forward_func`` is not a module (a function wrapping one), frozen parameters it uses are
-        not found: pass the module itself, or let its parameters require grad.
+        module), the default: models with frozen parameters (``requires_grad=False``) or eager
+        attention masks need it, and it changes nothing in the forward pass.  Frozen flags are
+        restored after the call.  When ``forward_func`` is not a module (a function wrapping
+        one), frozen parameters it uses are not found: pass the module itself, or let its
+        parameters require grad.  ``record=False`` skips the recording (the error then says
+        when one is needed).
 
     Attributes
     ----------
@@ -73,7 +75,7 @@ class DynamicLRP:
         forward_func: Callable[..., Tensor],
         rules: str | Rules = "dynamiclrp",
         *,
-        record: bool = False,
+        record: bool = True,
     ):
         if not callable(forward_func):
             raise InputError(
@@ -219,7 +221,7 @@ def quantus_explain_func(
     *,
     device: str | torch.device | None = None,
     additional_forward_args: Any = None,
-    record: bool = False,
+    record: bool = True,
 ) -> np.ndarray:
     """Quantus' ``explain_func``: ``explain_func(model=..., inputs=x_batch, targets=y_batch)``.
 

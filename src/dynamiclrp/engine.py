@@ -130,6 +130,8 @@ class LRP:
         run.resolver.known((0, root_nr), cast_value(output.detach(), dtype))
         for e, t in zip(requested, tensors, strict=True):
             run.resolver.known(e, cast_value(t.detach(), dtype))
+        for t in (output, *tensors):  # a view's base: its value is its grad_fn's output
+            run.resolver.known_base(t, lambda v: cast_value(v, dtype))
         if recording is not None:
             run.resolver.recorded = True
             for e, v in recording.values_for(graph).items():
@@ -158,6 +160,127 @@ class LRP:
             while len(self._plans) > self.cache_size:
                 self._plans.popitem(last=False)
         return plan
+
+    # -- model-level entry point ----------------------------------------------------------------
+
+    def attribute(
+        self,
+        model,
+        inputs,
+        target=None,
+        *,
+        relevance: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        **forward_kwargs,
+    ):
+        """Run ``model`` on ``inputs`` under :func:`dynamiclrp.record` and explain its output.
+
+        ``"model + inputs + target"`` with no knowledge of recording: the forward pass is
+        ``model(*inputs, **forward_kwargs)`` (``model(**inputs, **forward_kwargs)`` for a dict),
+        run with autograd on and under ``record(model)``, and the relevance of the output's
+        ``target`` entries is propagated back to ``inputs`` (:meth:`explain`).
+
+        Parameters
+        ----------
+        model:
+            The ``nn.Module`` (or any callable; only a module's frozen parameters are recorded).
+            It runs in its current mode: call ``model.eval()`` first for an explanation of
+            inference (train mode draws dropout masks and updates batch-norm statistics, as any
+            forward pass would).
+        inputs:
+            A floating-point tensor, a tuple of them (passed positionally), or a dict of them
+            (passed by name, e.g. ``{"inputs_embeds": e}`` for a Hugging Face model).  An input
+            that does not require grad is replaced by a leaf copy that does; one that requires
+            grad is used as it is.  The caller's tensors and their flags are left unchanged.
+        target:
+            As for :meth:`explain`: ``None`` (seed with the output), an int class, one class per
+            row.
+        relevance, dtype:
+            As for :meth:`explain`.
+        **forward_kwargs:
+            Passed to ``model`` (``attention_mask=...``); they receive no relevance.
+
+        Returns
+        -------
+        The relevance of each input, in the form of ``inputs``: a tensor, a tuple or a dict, each
+        of its input's shape and dtype.  The logits are the output when it is a tensor, its
+        ``.logits`` (Hugging Face outputs), or else its first element (a tuple or list).
+        :attr:`report` holds the books.
+        """
+        from .errors import InputError
+        from .recording import record
+
+        if torch.is_inference_mode_enabled():
+            raise GraphError(
+                "LRP.attribute was called inside torch.inference_mode(), where autograd records "
+                "nothing. Call it outside inference_mode (torch.no_grad() is fine: the forward "
+                "pass is run with grad enabled)."
+            )
+        names = list(inputs) if isinstance(inputs, dict) else None
+        given = (
+            tuple(inputs.values())
+            if names is not None
+            else (inputs if isinstance(inputs, tuple) else (inputs,))
+        )
+        if not given:
+            raise InputError(
+                "inputs is empty: give the tensor(s) to explain (a tensor, a tuple or a dict)."
+            )
+        for i, t in enumerate(given):
+            where = repr(names[i]) if names is not None else str(i)
+            if not isinstance(t, Tensor):
+                raise InputError(
+                    f"inputs[{where}] is a {type(t).__name__}, not a tensor: pass tensors to "
+                    "explain in inputs and anything else as keyword arguments (forward_kwargs)."
+                )
+            if not t.is_floating_point():
+                raise InputError(
+                    f"inputs[{where}] has dtype {t.dtype} (shape {tuple(t.shape)}) and cannot "
+                    "carry relevance: only floating-point inputs have gradients. For token ids, "
+                    "explain the embeddings: pass {'inputs_embeds': "
+                    "model.get_input_embeddings()(ids)} as inputs."
+                )
+        leaves = tuple(t if t.requires_grad else _leaf(t) for t in given)
+        with (
+            torch.enable_grad(),
+            record(model if isinstance(model, torch.nn.Module) else None) as rec,
+        ):
+            if names is not None:
+                out = model(**dict(zip(names, leaves, strict=True)), **forward_kwargs)
+            else:
+                out = model(*leaves, **forward_kwargs)
+        output = _logits(out)
+        rel = self.explain(output, leaves, target, relevance=relevance, recording=rec, dtype=dtype)
+        if names is not None:
+            return dict(zip(names, rel, strict=True))
+        return rel if isinstance(inputs, tuple) else rel[0]
+
+
+def _leaf(t: Tensor) -> Tensor:
+    """A leaf copy of ``t`` that requires grad (an inference tensor is cloned first)."""
+    leaf = t.detach()
+    if leaf.is_inference():
+        leaf = leaf.clone()
+    return leaf.requires_grad_(True)
+
+
+def _logits(out) -> Tensor:
+    """The tensor to explain from a model's output: itself, ``.logits``, or its first element."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    from .errors import InputError
+
+    raise InputError(
+        f"The model returned a {type(out).__name__}; LRP.attribute explains a tensor, the "
+        "output's .logits or the first element of a tuple. Wrap the model so it returns the "
+        "tensor to explain (lambda *a, **k: model(*a, **k).start_logits), or run the forward "
+        "pass yourself under dynamiclrp.record() and call explain()."
+    )
 
 
 def _input_edge(graph: Graph, t, i: int) -> Edge:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .errors import ValueRecoveryError
@@ -40,6 +41,9 @@ from .rules.base import OpEntry, ReplayContext
 
 LEAF, OWN_SAVED, CONSUMER_SAVED, REPLAY = "leaf", "own-saved", "consumer-saved", "replay"
 UNDONE = "undone-rearrangement"
+
+# consumers of x.masked_fill(mask, fill) whose saved output shows whether the fill was -inf
+MASKED_SOFTMAXES = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"})
 
 # Consumers whose forward is a bijective rearrangement of their one input: the node's own backward
 # applied to the output's value gives the input's value back (the gradient of a permutation of
@@ -113,6 +117,20 @@ class PromiseResolver:
         """Register a value held by the caller (the output, a requested tensor)."""
         self.values[edge] = value
 
+    def known_base(self, t: Tensor, cast=lambda v: v) -> None:
+        """Register the base of a view the caller holds (the output, a requested tensor).
+
+        ``t._base`` is a tensor whose ``grad_fn`` describes its current value (an in-place write
+        replaces the ``grad_fn``), so its value is that node's output: e.g. the ``CopySlices`` of
+        ``h[:, :3].add_(c)`` when the output is ``h[:, 1:5]``.  ``cast`` converts the value to the
+        relevance dtype."""
+        base = t._base
+        if base is None or base.grad_fn is None:
+            return  # not a view, or a view of a leaf (whose node holds the variable)
+        j = self.graph.index.get(base.grad_fn)
+        if j is not None:
+            self.values.setdefault((j, base.output_nr), cast(base.detach()))
+
     def at_hand(self, edge: Edge) -> Tensor | None:
         """The value of ``edge`` if it costs no computation: recovered already in this run, or
         saved by its node or a consumer; ``None`` otherwise (nothing is replayed or raised)."""
@@ -167,6 +185,8 @@ class PromiseResolver:
         known = self.plan.sources.get(e)
         if known is not None:
             if known[0] == REPLAY:
+                if self.graph.names[e[0]] == "MaskedFillBackward0":
+                    self._check_masked_softmax(e[0])  # values differ from run to run
                 return None
             v = self._read(e, known)
             if v is not None:
@@ -178,6 +198,10 @@ class PromiseResolver:
                 return v
         entry = self.entries[e[0]]
         unrecorded = NEEDS_RECORDING.get(self.graph.names[e[0]])
+        if self.graph.names[e[0]] == "MaskedFillBackward0" and e[1] == 0:
+            self._check_masked_softmax(e[0])  # raises where the fill cannot be rebuilt
+            self.plan.sources[e] = (REPLAY, e[0], "")
+            return None
         if unrecorded is not None and unrecorded(self.graph.fns[e[0]]):
             if self.recorded:
                 raise ValueRecoveryError(
@@ -206,7 +230,7 @@ class PromiseResolver:
                 f"{self.graph.describe(e[0])}: no node saved it and the op has no replay rule, "
                 "but a rule upstream needs it (a promise passed through here). Add a replay "
                 "entry for this op to the op table (dynamiclrp.rules), or request the tensor "
-                "itself in inputs (a requested tensor's value is known)."
+                "itself in inputs (a requested tensor's value is known)." + self._record_hint()
             )
         self.plan.sources[e] = (REPLAY, e[0], "")
         return None
@@ -249,6 +273,63 @@ class PromiseResolver:
                 "retain_graph=True) or modified in place. Explain a fresh forward pass, or keep "
                 f"the graph with retain_graph=True. PyTorch said: {err}"
             ) from err
+
+    def _record_hint(self) -> str:
+        """Advice to record, when the graph has unrecorded constants and no recording was given:
+        frozen parameters (``requires_grad=False``) leave their layers' biases unrecorded, and
+        the promise that failed may be one such a bias made necessary."""
+        if self.recorded:
+            return ""
+        g = self.graph
+        for j, name in enumerate(g.names):
+            check = NEEDS_RECORDING.get(name)
+            if check is not None and check(g.fns[j]):
+                return (
+                    f" The graph also holds constants autograd did not record (first at "
+                    f"{g.describe(j)}; frozen parameters leave their biases so): run the forward "
+                    "pass under `with dynamiclrp.record(model) as rec:` and pass recording=rec to "
+                    "explain, which records frozen parameters and keeps those results."
+                )
+        return ""
+
+    def _check_masked_softmax(self, j: int) -> None:
+        """Check that ``x.masked_fill(mask, fill)`` (node ``j``) may be rebuilt as
+        ``x.masked_fill(mask, -inf)`` (the replay of ``MaskedFillBackward0``); raise if not.
+
+        Autograd saves the mask, not the fill.  Where every consumer is a softmax whose saved
+        output ``s`` is 0 wherever the mask applies (a log-softmax: ``-inf`` there), the fill's
+        value does not enter any map: the softmax rule ``R_x = x * (R - s sum R)`` uses ``x`` on
+        the unmasked elements only for ``x``'s own relevance, and the masked elements route to
+        the fill, which absorbs ``fill * R`` there -- 0 for ``-inf`` (an infinite logit takes
+        nothing), what a recording gives for a ``-inf`` fill.  A finite fill so negative that
+        ``s`` underflows to 0 (``finfo.min``) gives the same relevance for every input; only
+        the fill's absorbed share at masked elements, ``fill * R``, is then booked as 0.
+        """
+        g = self.graph
+        advice = (
+            "Run the forward pass under `with dynamiclrp.record(model) as rec:` and pass "
+            "recording=rec to explain, which keeps the filled tensor."
+        )
+        head = (
+            f"Cannot recover the forward value of {g.describe(j)}: autograd saves the mask of "
+            "masked_fill but not its fill value, which can be rebuilt (as -inf) only when every "
+            "consumer is a softmax whose saved output is 0 where the mask applies"
+        )
+        consumers = g.consumers.get((j, 0), ())
+        others = [p for p, _ in consumers if g.names[p] not in MASKED_SOFTMAXES]
+        if not consumers or others:
+            who = g.describe(others[0]) if others else "no node of the graph"
+            raise ValueRecoveryError(f"{head}, but {who} reads it. {advice}")
+        mask = self.read_saved(j, "_saved_mask")
+        for p, _ in consumers:
+            s = self.read_saved(p, "_saved_result")
+            empty = torch.isneginf(s) if g.names[p] == "LogSoftmaxBackward0" else s == 0
+            if not bool((empty | ~mask).all()):
+                zero = "-inf (a log-softmax)" if g.names[p] == "LogSoftmaxBackward0" else "0"
+                raise ValueRecoveryError(
+                    f"{head}, and the output of {g.describe(p)} is not {zero} everywhere the "
+                    f"mask applies: the fill was a finite value the graph does not keep. {advice}"
+                )
 
     def _saved_input(self, j: int, slot: int) -> Tensor | None:
         """An input the graph does not record (no grad) but the node saved, e.g. a frozen weight."""

@@ -16,7 +16,15 @@ when ``scaled_dot_product_attention`` takes PyTorch's C++ math path (float32 gro
 attention on CUDA, multi-query attention, 3-D inputs, a forced math backend), it adds the mask
 (``is_causal``, a boolean or a float ``attn_mask``) to the scores inside C++.  The recording
 rebuilds that sum, ``(q k^T) * scale + mask``, from the call's own arguments and keeps it for the
-``AddBackward0`` node the composite made.
+``AddBackward0`` node the composite made (reshaped where the math path ran 3-D inputs as 4-D).
+
+The recording is transparent: code that runs without it runs with it, with the same values, graph,
+gradients and random stream.  It reads nothing under ``no_grad`` or ``inference_mode`` (autograd
+makes no node there), and of each op only the tensors it returned and the first argument when the
+op wrote it (its version counter moved), bypassing tensor subclasses' ``__torch_function__``:
+reading the ``grad_fn`` of an arbitrary argument can raise (a view made under ``no_grad`` whose
+base was written since, as ``nn.Embedding(padding_idx=...)`` makes) where the code itself does
+not.  :func:`dynamiclrp.attribute` runs the forward pass under it for the caller.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .rules import OP_TABLE
 from .rules.attention import FUSED_SDPA_NODES
@@ -127,20 +136,27 @@ class Recording(TorchFunctionMode):
             self._unfrozen = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, Tensor):
-            self._keep(out)
-        elif isinstance(out, tuple):
-            for t in out:
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():  # no_grad and inference_mode: autograd makes no node
+            return func(*args, **kwargs)
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        before = _version(first)
+        out = func(*args, **kwargs)
+        # reads go to the tensors' C++ attributes, not to a subclass's __torch_function__
+        with torch._C.DisableTorchFunctionSubclass():
+            for t in tree_leaves(out):
                 if isinstance(t, Tensor):
                     self._keep(t)
-        if args and isinstance(args[0], Tensor):
-            if args[0] is not out:
-                self._keep(args[0])  # in-place writes (y[:, 0] = v) change their first argument
-            if args[0]._base is not None:
-                self._keep(args[0]._base)  # h[:, :3].add_(c) writes into h (a CopySlices node)
-        if func is _SDPA and isinstance(out, Tensor) and out.grad_fn is not None:
-            self._keep_sdpa_mask_add(out, args, kwargs or {})
+            # an in-place write (y[:, 0] = v, h[:, :3].add_(c)) changes its first argument, and
+            # through a view the view's base (a CopySlices node): keep both.  Only a tensor the op
+            # wrote is read: reading the grad_fn of any argument could raise (a view made under
+            # no_grad whose base was written since) where the unrecorded code would not.
+            if first is not None and _version(first) != before:
+                self._keep(first)
+                if first._base is not None:
+                    self._keep(first._base)
+            if func is _SDPA and isinstance(out, Tensor) and out.grad_fn is not None:
+                self._keep_sdpa_mask_add(out, args, kwargs)
         return out
 
     def _keep_sdpa_mask_add(self, out: Tensor, args: tuple, kwargs: dict) -> None:
@@ -150,6 +166,9 @@ class Recording(TorchFunctionMode):
         call = _sdpa_arguments(*args, **kwargs)
         if call["attn_mask"] is None and not call["is_causal"]:
             return  # the math path adds nothing then
+        tensors = [t for t in call.values() if isinstance(t, Tensor)]
+        if any(t.is_nested or t.layout != torch.strided for t in tensors):
+            return  # not rebuilt here (nor explained by the engine)
         stops = {t.grad_fn for t in call.values() if isinstance(t, Tensor)} - {None}
         adds = _unrecorded_adds_below(out.grad_fn, stops)
         if len(adds) != 1:
@@ -157,10 +176,14 @@ class Recording(TorchFunctionMode):
         fn = adds[0]
         with torch.no_grad():
             value = _scores_plus_mask(**call)
-        if tuple(value.shape) == tuple(fn._input_metadata[0].shape):
-            self._values[fn] = value.to(fn._input_metadata[0].dtype)
+        shape = tuple(fn._input_metadata[0].shape)
+        if _strip_ones(value.shape) == _strip_ones(shape):
+            # the math path may add leading unit dimensions (3-D inputs run as 4-D ones)
+            self._values[fn] = value.reshape(shape).to(fn._input_metadata[0].dtype)
 
     def _keep(self, t: Tensor) -> None:
+        if not t.requires_grad or t.is_nested or t.layout != torch.strided:
+            return  # no node; or a nested / sparse tensor, which the engine does not explain
         fn = t.grad_fn
         # composite ops (F.linear on 3-D input) return a reshape of the node that needs recording
         while fn is not None and type(fn).__name__ in RESHAPES:
@@ -187,6 +210,23 @@ class Recording(TorchFunctionMode):
 
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _strip_ones(shape) -> tuple[int, ...]:
+    """``shape`` without its leading unit dimensions: ``(1, 4, 3, 6) -> (4, 3, 6)``."""
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def _version(t: Tensor | None) -> int | None:
+    """``t._version`` (counts in-place writes), ``None`` for no tensor or an inference tensor
+    (which has no version counter)."""
+    if t is None:
+        return None
+    with torch._C.DisableTorchFunctionSubclass():
+        return None if t.is_inference() else t._version
 
 
 def _sdpa_arguments(

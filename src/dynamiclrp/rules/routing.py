@@ -234,7 +234,11 @@ TABLE = {
     "RollBackward0": _routing(
         lambda c: (c.inputs[0].roll(c.saved("_saved_shifts"), c.saved("_saved_dims")),)
     ),
-    "MaskedFillBackward0": _routing(),  # the fill value is not saved: no replay
+    # the fill value is not saved: replayed as -inf, only where PromiseResolver has checked that
+    # every consumer is a softmax whose output is 0 on the mask (promises._check_masked_softmax)
+    "MaskedFillBackward0": _routing(
+        lambda c: (c.inputs[0].masked_fill(c.saved("_saved_mask"), float("-inf")),)
+    ),
     "WhereBackward0": _routing(
         lambda c: (torch.where(c.saved("_saved_condition"), c.inputs[0], c.inputs[1]),)
     ),
