@@ -323,3 +323,18 @@ def test_fused_products_equal_their_expansion(preset, which):
         results.append(dynamiclrp.explain(fn(*ts), wanted, rules=preset))
     for a, b in zip(*results, strict=True):
         assert_close(a, b, 1e-9)
+
+
+def test_an_infinite_mask_fused_as_a_bias_takes_nothing():
+    """2-D SDPA on PyTorch's math path adds its causal mask to ``q @ K^T`` (``K`` constant): the
+    ``-inf`` entries are the fused layer's bias and take nothing (``-inf * 0`` was NaN); the map
+    equals the one of the same attention written with ``masked_fill``."""
+    torch.set_default_dtype(torch.float32)
+    q, k, v = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8), torch.randn(4, 8)
+    with dynamiclrp.record() as rec:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    fused = dynamiclrp.explain(out, q, recording=rec)
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    scores = ((q @ k.T) / 8**0.5).masked_fill(~causal, float("-inf"))
+    written = dynamiclrp.explain(torch.softmax(scores, -1) @ v, q)
+    assert_close(fused, written, 1e-5)

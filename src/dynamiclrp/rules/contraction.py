@@ -113,6 +113,10 @@ def contract(
     else:
         res = rule(mm, x, w, bias, r, ctx.eps)
     outs[sx] = res.x
+    if fused is not None and res.bias is not None and _has_infinity(bias):
+        # a -inf mask added as the bias (scores + causal mask): it takes nothing, never
+        # -inf * 0 = NaN, as an infinite summand of add takes nothing (elementwise.split_sum)
+        res = res._replace(bias=res.bias.masked_fill(bias.isinf(), 0.0))
     if (affine is not None or fused is not None) and res.bias is not None:
         ctx.absorb(res.bias)  # the merged bias: this layer's and the batch norm's / constant's
         if fused is not None:  # a requested constant (the bias of x @ W + b) gets its share
@@ -126,6 +130,12 @@ def contract(
     if ctx.wanted[sw]:
         ctx.parameter[sw] = parameter_relevance(rule, mm, x, w, bias, r, ctx.eps)
     return outs
+
+
+def _has_infinity(t: Tensor) -> bool:
+    """Whether ``t`` may hold an infinity (always ``True`` off the CPU, where the test would
+    synchronise)."""
+    return t.device.type != "cpu" or bool(t.isinf().any())
 
 
 def _attention_probabilities(ctx: RuleContext, slots: tuple[int, int]) -> int | None:
