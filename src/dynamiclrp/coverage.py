@@ -108,11 +108,16 @@ def coverage(
     """
     if not isinstance(output, Tensor) or output.grad_fn is None:
         raise GraphError("coverage() needs an output tensor with a grad_fn (see explain()).")
+    from .engine import _probe_custom_functions
+
     graph = build_graph(output.grad_fn)
     counts = Counter(graph.names)
     report = CoverageReport(leaves=counts.pop(LEAF, 0))
+    entries = [OP_TABLE.get(name) for name in graph.names]
+    _probe_custom_functions(graph, entries, range(len(graph)))  # element-wise custom Functions
+    found = {name: e for name, e in zip(graph.names, entries, strict=True) if e is not None}
     for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        entry = OP_TABLE.get(name)
+        entry = found.get(name)
         report.ops.append(
             OpCount(
                 name,

@@ -483,15 +483,19 @@ _causal_lm(
     max_position_embeddings=32,
 )
 # BLOOM runs its tanh-GELU as a Python autograd.Function (BloomGelu -> GeLUFunction.apply, in
-# eval mode too), a node type without a rule:
-#   AssertionError: bloom: ops without a rule: [('GeLUFunctionBackward', 2)]
-# (with the GELU swapped for nn.GELU(approximate="tanh") the entry passes, ALiBi included).
-GAPS["bloom"] = (
-    "BloomGelu runs as a Python autograd.Function, node GeLUFunctionBackward, which has no rule "
-    "(custom Functions are opaque; ALiBi itself works with nn.GELU swapped in)"
+# eval mode too), a node type without a table entry: the element-wise probe (rules/probe.py)
+# finds its Jacobian diagonal and gives it the activation rule; ALiBi's bias is an unrecorded add
+# that record() keeps.
+_causal_lm(
+    "bloom",
+    "BloomConfig",
+    "BloomForCausalLM",
+    "ALiBi position bias, GELU as a custom autograd.Function (probed)",
+    vocab_size=64,
+    hidden_size=32,
+    n_layer=2,
+    n_head=4,
 )
-# _causal_lm("bloom", "BloomConfig", "BloomForCausalLM", "ALiBi position bias",
-#            vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
 register(
     ZooEntry(
         "deberta_v2",
