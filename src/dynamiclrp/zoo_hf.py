@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .zoo import GAPS, ZooEntry, register
+from .zoo import ZooEntry, register
 
 
 def _ids(model: nn.Module, batch: int, g: torch.Generator, length: int = 6) -> Tensor:
