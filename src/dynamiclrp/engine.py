@@ -23,6 +23,7 @@ from .precision import cast_graph, cast_value, check_dtype
 from .presets import Rules, preset
 from .promises import PromisePlan, PromiseResolver
 from .recording import Recording
+from .regions import element_wise_joins
 from .rules import LEAF, OP_TABLE, OpEntry, RuleContext
 from .rules.base import sum_to_shape
 from .targets import make_seed
@@ -49,6 +50,8 @@ class Plan:
     """Add-of-a-constant <-> contraction pairs, both ways (``Rules.canonize_bias``)."""
     fused_bias_slot: dict[int, int] = field(default_factory=dict)
     """For each fused add: the input slot holding the contraction's (reshaped) output."""
+    joins: dict[int, Edge] = field(default_factory=dict)
+    """Joins of element-wise regions -> the edge that takes all their relevance (``regions.py``)."""
 
 
 class LRP:
@@ -232,6 +235,7 @@ def make_plan(
         merged,
         fused,
         fused_slot,
+        joins=element_wise_joins(graph, entries, data, requested, topo),
     )
 
 
@@ -496,7 +500,11 @@ class _Run:
         kids = g.children[v]
         ctx = self._context(v, rel)
         entry = plan.entries[v]
-        outs = entry.rule(ctx)
+        target = plan.joins.get(v)
+        if target is None:
+            outs = entry.rule(ctx)
+        else:  # an element-wise region's join: the activation rule onto its source (regions.py)
+            outs, kids = (ctx.r,), [target]
         books = plan.data[v]
         r_in = None  # what arrived, for the books: the sums the consumers sent
         if books:

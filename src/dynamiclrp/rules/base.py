@@ -10,7 +10,8 @@ An :class:`OpEntry` answers, for one autograd node type, everything the engine n
 - ``replay``: the forward computation of the node from its input values (the forward chain of a
   promise);
 - ``kind``, ``operands``, ``canonize``: what the plan needs to know of contractions and batch norms
-  (which layer is the first one, which batch norm merges into which contraction).
+  (which layer is the first one, which batch norm merges into which contraction);
+- ``elementwise``: the op is element-wise (:mod:`dynamiclrp.regions`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class OpEntry:
     canonize: str | None = None
     """``"contraction"``: a layer a following batch norm can merge into (its output channels are
     dimension 1); ``"batchnorm"``: a batch norm that can merge into the contraction feeding it."""
+    elementwise: bool = False
+    """Each output element depends only on the same-position element of each (broadcast) input:
+    ``z[i] = f(a[i], b[i], ...)`` (unary ops, add, sub, mul, div, casts, clone, where).  The plan
+    finds element-wise regions of one data tensor from these (:mod:`dynamiclrp.regions`)."""
 
 
 _WRAP = 1 << 64

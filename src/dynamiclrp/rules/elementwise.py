@@ -26,7 +26,7 @@ Fused, split like add (``Rules.add``) over their summands, then as above:
 - ``lerp(a, b, w) = (1 - w) * a + w * b``: ``R`` split over ``(1 - w) * a`` and ``w * b`` like add;
   a tensor weight is a constant (one that depends on data raises ``NotImplementedError``).
 
-Unary (relu, gelu, silu, sigmoid, tanh, exp, log, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
+Unary (relu, gelu, silu, sigmoid, tanh, exp, expm1, log, log1p, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
 identity rule, ``R_in = R_out``.
 """
 
@@ -338,6 +338,7 @@ def _unary(replay=None, saved_inputs=None, saved_outputs=None) -> OpEntry:
         replay=replay,
         saved_inputs=saved_inputs or {},
         saved_outputs=saved_outputs or {},
+        elementwise=True,
     )
 
 
@@ -358,6 +359,7 @@ TABLE = {
         needs_values=True,
         canonize="add",
         replay=_add_replay(1.0),
+        elementwise=True,
     ),
     "SubBackward0": OpEntry(
         "elementwise-binary",
@@ -365,18 +367,21 @@ TABLE = {
         needs_values=True,
         canonize="add",
         replay=_add_replay(-1.0),
+        elementwise=True,
     ),
     "MulBackward0": OpEntry(
         "elementwise-binary",
         product_rule,
         saved_inputs={0: "_saved_self", 1: "_saved_other"},
         replay=lambda c: (_operand(c, 0, "_saved_self") * _operand(c, 1, "_saved_other"),),
+        elementwise=True,
     ),
     "DivBackward0": OpEntry(
         "elementwise-binary",
         product_rule,
         saved_inputs={0: "_saved_self", 1: "_saved_other"},
         replay=lambda c: (_operand(c, 0, "_saved_self") / _operand(c, 1, "_saved_other"),),
+        elementwise=True,
     ),
     # a Python scalar operand: an element-wise map of one tensor
     "AddBackward1": _unary(),
@@ -389,6 +394,7 @@ TABLE = {
     "SigmoidBackward0": _result_op(lambda c: (torch.sigmoid(c.inputs[0]),)),
     "TanhBackward0": _result_op(lambda c: (torch.tanh(c.inputs[0]),)),
     "ExpBackward0": _result_op(lambda c: (torch.exp(c.inputs[0]),)),
+    "Expm1Backward0": _result_op(lambda c: (torch.expm1(c.inputs[0]),)),
     "SqrtBackward0": _result_op(lambda c: (torch.sqrt(c.inputs[0]),)),
     "RsqrtBackward0": _result_op(lambda c: (torch.rsqrt(c.inputs[0]),)),
     "ReciprocalBackward0": _result_op(lambda c: (torch.reciprocal(c.inputs[0]),)),
@@ -399,6 +405,7 @@ TABLE = {
     "HardsigmoidBackward0": _self_op(lambda c, x: F.hardsigmoid(x)),
     "ErfBackward0": _self_op(lambda c, x: torch.erf(x)),
     "LogBackward0": _self_op(lambda c, x: torch.log(x)),
+    "Log1PBackward0": _self_op(lambda c, x: torch.log1p(x)),
     "AbsBackward0": _self_op(lambda c, x: torch.abs(x)),
     "SinBackward0": _self_op(lambda c, x: torch.sin(x)),
     "CosBackward0": _self_op(lambda c, x: torch.cos(x)),
@@ -438,6 +445,7 @@ TABLE = {
         needs_values=True,
         saved_inputs={1: "_saved_tensor1", 2: "_saved_tensor2"},
         replay=lambda c: (torch.addcmul(*c.inputs, value=c.saved("_saved_value")),),
+        elementwise=True,
     ),
     "AddcdivBackward0": OpEntry(
         "elementwise-binary",
@@ -445,12 +453,14 @@ TABLE = {
         needs_values=True,
         saved_inputs={1: "_saved_tensor1", 2: "_saved_tensor2"},
         replay=lambda c: (torch.addcdiv(*c.inputs, value=c.saved("_saved_value")),),
+        elementwise=True,
     ),
     "LerpBackward0": OpEntry(
         "elementwise-binary",
         lerp_rule,
         needs_values=True,
         replay=lambda c: (torch.lerp(*c.inputs, c.saved("_saved_weight")),),
+        elementwise=True,
     ),
     "LerpBackward1": OpEntry(
         "elementwise-binary",
@@ -458,5 +468,6 @@ TABLE = {
         needs_values=True,
         saved_inputs={0: "_saved_self", 1: "_saved_end", 2: "_saved_weight"},
         replay=lambda c: (torch.lerp(*c.inputs),),
+        elementwise=True,
     ),
 }

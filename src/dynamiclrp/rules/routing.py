@@ -140,7 +140,12 @@ def _split(c: ReplayContext):
 
 
 def _routing(
-    replay=None, saved_inputs=None, saved_outputs=None, canonize=None, rearranges=False
+    replay=None,
+    saved_inputs=None,
+    saved_outputs=None,
+    canonize=None,
+    rearranges=False,
+    elementwise=False,
 ) -> OpEntry:
     return OpEntry(
         "routing",
@@ -150,6 +155,7 @@ def _routing(
         saved_outputs=saved_outputs or {},
         canonize=canonize,
         rearranges=rearranges,
+        elementwise=elementwise,
     )
 
 
@@ -223,10 +229,19 @@ TABLE = {
     "SplitWithSizesBackward0": _routing(_split),
     "UnsafeSplitBackward0": _routing(_split),
     "UnbindBackward0": _routing(lambda c: torch.unbind(c.inputs[0], c.saved("_saved_dim"))),
-    "CloneBackward0": _routing(lambda c: (c.inputs[0],), rearranges=True),
-    "ToCopyBackward0": _routing(lambda c: (c.inputs[0].to(c.out_dtype()),)),
+    # element-wise: each output element is the same-position input element (regions.py)
+    "CloneBackward0": _routing(lambda c: (c.inputs[0],), rearranges=True, elementwise=True),
+    "ToCopyBackward0": _routing(lambda c: (c.inputs[0].to(c.out_dtype()),), elementwise=True),
     "ConstantPadNdBackward0": _routing(
         lambda c: (torch.nn.functional.pad(c.inputs[0], c.saved("_saved_pad")),)
+    ),
+    "PixelShuffleBackward0": _routing(
+        lambda c: (torch.pixel_shuffle(c.inputs[0], c.saved("_saved_upscale_factor")),),
+        rearranges=True,
+    ),
+    "PixelUnshuffleBackward0": _routing(
+        lambda c: (torch.pixel_unshuffle(c.inputs[0], c.saved("_saved_downscale_factor")),),
+        rearranges=True,
     ),
     "FlipBackward0": _routing(
         lambda c: (c.inputs[0].flip(c.saved("_saved_dims")),), rearranges=True
@@ -234,9 +249,10 @@ TABLE = {
     "RollBackward0": _routing(
         lambda c: (c.inputs[0].roll(c.saved("_saved_shifts"), c.saved("_saved_dims")),)
     ),
-    "MaskedFillBackward0": _routing(),  # the fill value is not saved: no replay
+    "MaskedFillBackward0": _routing(elementwise=True),  # the fill value is not saved: no replay
     "WhereBackward0": _routing(
-        lambda c: (torch.where(c.saved("_saved_condition"), c.inputs[0], c.inputs[1]),)
+        lambda c: (torch.where(c.saved("_saved_condition"), c.inputs[0], c.inputs[1]),),
+        elementwise=True,
     ),
     "TrilBackward0": _routing(lambda c: (c.inputs[0].tril(c.saved("_saved_diagonal")),)),
     "TriuBackward0": _routing(lambda c: (c.inputs[0].triu(c.saved("_saved_diagonal")),)),
