@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import dynamiclrp
-from dynamiclrp.graph import build_graph
 from dynamiclrp.engine import make_plan
+from dynamiclrp.graph import build_graph
 
 DT = torch.float64
 

@@ -291,6 +291,27 @@ add(
 )
 add(
     Pair(
+        "addcdiv",
+        {
+            "fused": two(lambda a, b: torch.addcdiv(a, a, torch.exp(b), value=0.5)),
+            "expanded": two(lambda a, b: a + 0.5 * a / torch.exp(b)),
+        },
+        two_params,
+    )
+)
+add(
+    Pair(
+        "lerp",
+        {
+            "lerp": two(lambda a, b: torch.lerp(a, b, 0.3)),
+            "weighted_sum": two(lambda a, b: 0.7 * a + 0.3 * b),
+            "tensor_weight": two(lambda a, b: torch.lerp(a, b, torch.full_like(a, 0.3))),
+        },
+        two_params,
+    )
+)
+add(
+    Pair(
         "silu-gate",  # SwiGLU's product of an activation and another data tensor
         {
             "module": two(lambda a, b: F.silu(a) * b),
@@ -532,6 +553,80 @@ add(
 )
 
 
+def windows(h: torch.Tensor) -> torch.Tensor:
+    """Non-overlapping 2 x 2 windows of ``h`` (2, 4, 4, 4): (2, 4, 2, 2, 2, 2)."""
+    return h.unfold(2, 2, 2).unfold(3, 2, 2)
+
+
+add(
+    Pair(
+        "max-pool",
+        {
+            "max_pool2d": image(lambda h, P: F.max_pool2d(torch.relu(h), 2)),
+            "unfold_amax": image(lambda h, P: windows(torch.relu(h)).amax((-1, -2))),
+        },
+        image_params(n_flat=16),
+        x_shape=(2, 3, 6, 6),
+        piecewise_linear=True,
+    )
+)
+add(
+    Pair(
+        "avg-pool",
+        {
+            "avg_pool2d": image(lambda h, P: F.avg_pool2d(torch.relu(h), 2)),
+            "unfold_mean": image(lambda h, P: windows(torch.relu(h)).mean((-1, -2))),
+            "adaptive": image(lambda h, P: F.adaptive_avg_pool2d(torch.relu(h), 2)),
+        },
+        image_params(n_flat=16),
+        x_shape=(2, 3, 6, 6),
+        piecewise_linear=True,
+    )
+)
+add(
+    Pair(
+        "global-pool",
+        {
+            "adaptive": image(lambda h, P: F.adaptive_avg_pool2d(torch.relu(h), 1)),
+            "mean": image(lambda h, P: torch.relu(h).mean((2, 3))),
+        },
+        image_params(n_flat=4),
+        x_shape=(2, 3, 6, 6),
+        piecewise_linear=True,
+    )
+)
+
+
+def padded(pad_inside: bool) -> Forward:
+    def forward(x: torch.Tensor, P: dict) -> torch.Tensor:
+        if pad_inside:
+            h = F.conv2d(x, P["K"], P["kb"], padding=1)
+        else:
+            h = F.conv2d(F.pad(x, (1, 1, 1, 1)), P["K"], P["kb"])
+        return F.linear(torch.relu(h).flatten(1), P["W2"], P["b2"])
+
+    return forward
+
+
+add(
+    Pair(
+        "conv-padding",
+        {"padding": padded(True), "F.pad": padded(False)},
+        image_params(n_flat=4 * 6 * 6),
+        x_shape=(2, 3, 6, 6),
+        marks=on(
+            "first-padding",
+            [
+                "zennit-epsilon-plus-flat",
+                "zennit-epsilon-alpha2-beta1-flat",
+                "zennit-epsilon-gamma-box",
+            ],
+        ),
+        piecewise_linear=True,
+    )
+)
+
+
 def patches(how: str):
     def f(h: torch.Tensor, P: dict) -> torch.Tensor:
         if how == "unfold":
@@ -738,6 +833,11 @@ KNOWN = {
     "norm-proportional": (
         "the layer-norm rule is the epsilon rule on the centred map in every preset, while "
         "the written-out h - mean(h) is split by Rules.add='proportional'"
+    ),
+    "first-padding": (
+        "the first-layer rules without an x factor (Flat) or with input bounds (ZBox) count the "
+        "zeros of F.pad as input positions (they take relevance, absorbed by the pad); padding "
+        "inside the convolution is outside the receptive field"
     ),
     "cp-gate": (
         "CP-LRP's constant gate is recognised by the producer's node name (ACTIVATIONS): "
