@@ -369,10 +369,21 @@ add(
         {
             "F.linear": first(lambda x, W, b: F.linear(x, W, b)),
             "matmul": first(lambda x, W, b: x @ W.T + b),
-            "einsum": first(lambda x, W, b: torch.einsum("bi,oi->bo", x, W) + b),
             "addmm": first(lambda x, W, b: torch.addmm(b, x, W.T)),
-            "transposed": first(lambda x, W, b: (W @ x.T + b[:, None]).T),
             "bias_first": first(lambda x, W, b: b + x @ W.T),
+            "matmul_bias_free": first(lambda x, W, b: torch.matmul(x, W.T) + b),
+        },
+        mlp_params(),
+        piecewise_linear=True,
+    )
+)
+add(
+    Pair(
+        "linear-permuted",  # the product reached through permutes, or with the data in slot 1
+        {
+            "F.linear": first(lambda x, W, b: F.linear(x, W, b)),
+            "einsum": first(lambda x, W, b: torch.einsum("bi,oi->bo", x, W) + b),
+            "transposed": first(lambda x, W, b: (W @ x.T + b[:, None]).T),
         },
         mlp_params(),
         marks=on("bias-layout", ALL_BUT_TINY_EPS),
