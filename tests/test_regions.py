@@ -12,6 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dynamiclrp
 from dynamiclrp.engine import make_plan
@@ -189,3 +191,55 @@ def test_softmax_written_out_is_a_different_function() -> None:
     s = torch.softmax(h, -1)
     expected = h.detach() * (R - s.detach() * R.sum(-1, keepdim=True))
     exact(dynamiclrp.explain(s, h, relevance=R), expected)
+
+
+# --- random element-wise functions of one tensor ---------------------------------------------
+
+UNARY = [
+    torch.sigmoid,
+    torch.tanh,
+    torch.sin,
+    torch.relu,
+    lambda t: t * 0.7,
+    lambda t: t + 0.3,
+    lambda t: 1.5 - t,
+    lambda t: t.clone(),
+    lambda t: t.float().double(),
+    lambda t: torch.exp(torch.tanh(t)),
+    lambda t: F.softplus(t),
+    lambda t: torch.where(t > 0.1, t, 0.2 * t),
+]
+BINARY = [
+    torch.add,
+    torch.sub,
+    torch.mul,
+    lambda a, b: a / (1 + b * b),
+    lambda a, b: torch.where(a > b, a, b),
+    lambda a, b: torch.addcmul(a, a, b, value=0.5),
+    lambda a, b: torch.lerp(a, b, 0.25),
+]
+
+
+def _expression(draw, x: torch.Tensor, depth: int) -> torch.Tensor:
+    """A random element-wise function of ``x``; every leaf is ``x`` itself, so two subtrees
+    share no node but ``x``."""
+    if depth == 0 or draw(st.integers(0, 3)) == 0:
+        return x
+    if draw(st.booleans()):
+        return draw(st.sampled_from(UNARY))(_expression(draw, x, depth - 1))
+    op = draw(st.sampled_from(BINARY))
+    return op(_expression(draw, x, depth - 1), _expression(draw, x, depth - 1))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), preset=st.sampled_from(sorted(dynamiclrp.PRESETS)))
+def test_random_region_is_one_activation(data, preset: str) -> None:
+    """A join of two random element-wise subtrees of ``x`` is one activation: ``R_x = R``."""
+    g = gen(data.draw(st.integers(0, 1000)))
+    x, R = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    a = _expression(data.draw, x, 3)
+    b = _expression(data.draw, x, 3)
+    out = data.draw(st.sampled_from(BINARY))(a, b)
+    rel, rep = dynamiclrp.explain(out, x, relevance=R, rules=preset, return_report=True)
+    exact(rel, R)
+    assert abs(rep.residual) < 1e-12
