@@ -180,6 +180,20 @@ def test_plain_relu_layer_is_unchanged() -> None:
     exact(dynamiclrp.explain(out, x, relevance=R, rules="epsilon"), expected)
 
 
+def test_single_path_chain_keeps_its_bias_treatment() -> None:
+    """``1 / (1 + exp(-x))`` has one data path, so no join: the constant 1 keeps its share of the
+    add (proportional: ``R |e| / (|e| + 1)`` to ``e = exp(-x)``), unlike ``torch.sigmoid``."""
+    g = gen(10)
+    x, R = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+    with dynamiclrp.record() as rec:  # the add of an unrecorded 1: its sum is needed
+        out = 1 / (1 + torch.exp(-x))
+    _, joins = joins_of(out, [x])
+    assert joins == {}
+    e = torch.exp(-x.detach())
+    exact(dynamiclrp.explain(out, x, relevance=R, recording=rec), R * e / (e + 1))
+    exact(dynamiclrp.explain(torch.sigmoid(x), x, relevance=R), R)
+
+
 def test_softmax_written_out_is_a_different_function() -> None:
     """``exp(h) / sum(exp(h))`` is not one node to the rules: the sum is a broadcast statistic
     (2.4) and ``exp`` the identity, so ``R_h = R``; ``softmax`` has its own rule (2.10),
