@@ -23,6 +23,7 @@ from .precision import cast_graph, cast_value, check_dtype
 from .presets import Rules, preset
 from .promises import PromisePlan, PromiseResolver
 from .recording import Recording
+from .regions import element_wise_joins
 from .rules import LEAF, OP_TABLE, OpEntry, RuleContext
 from .rules.base import ReplayContext, sum_to_shape
 from .rules.contraction import conv_has_bias
@@ -57,6 +58,8 @@ class Plan:
     function of the other factor's data (:func:`_statistic_factors`)."""
     probed: tuple[str, ...] = ()
     """Custom autograd Functions found element-wise by :mod:`.rules.probe` (identity rule)."""
+    joins: dict[int, Edge] = field(default_factory=dict)
+    """Joins of element-wise regions -> the edge that takes all their relevance (``regions.py``)."""
 
 
 class LRP:
@@ -378,6 +381,7 @@ def make_plan(
         fused_chain,
         statistic,
         probed=tuple(sorted(probed)),
+        joins=element_wise_joins(graph, entries, data, requested, topo),
     )
 
 
@@ -806,7 +810,11 @@ class _Run:
         kids = g.children[v]
         ctx = self._context(v, rel)
         entry = plan.entries[v]
-        outs = entry.rule(ctx)
+        target = plan.joins.get(v)
+        if target is None:
+            outs = entry.rule(ctx)
+        else:  # an element-wise region's join: the activation rule onto its source (regions.py)
+            outs, kids = (ctx.r,), [target]
         books = plan.data[v]
         r_in = None  # what arrived, for the books: the sums the consumers sent
         if books:

@@ -25,7 +25,14 @@ import torch
 from torch import Tensor
 
 from .base import OpEntry, RuleContext, ratio, saved
-from .linear import fits, safe_divide
+from .linear import Epsilon, LinearMap, fits, safe_divide
+
+#: ``O = P v`` as a contraction of the data ``v`` with the constant ``P`` (``forward(v, P)``)
+_P_TIMES_V = LinearMap(
+    forward=lambda v, p: p @ v,
+    vjp_x=lambda g, v, p: p.transpose(-1, -2) @ g,
+    vjp_w=lambda g, v, p: g @ v.transpose(-1, -2),
+)
 
 
 def softmax_relevance(x: Tensor, s: Tensor, r: Tensor, dim: int, masked: bool | None = None):
@@ -84,6 +91,7 @@ def sdpa_relevance(
     out: Tensor | None = None,
     add: str = "signed",
     data: tuple[bool, bool, bool] = (True, True, True),
+    dense=None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Relevance of ``q, k, v`` (and of an additive float mask, ``None`` otherwise) for
     ``O = softmax(scale q k^T + mask) v`` (module docstring).  ``cp`` (CP-LRP): ``P`` is a
@@ -96,10 +104,12 @@ def sdpa_relevance(
     ``data``: whether ``q``, ``k``, ``v`` are data (a path from a data or requested input reaches
     them).  The uniform rule halves a product's relevance only between two data factors, as for
     the written-out ``softmax(q k^T) v``: with ``q`` and ``k`` constant, ``P`` is a constant and
-    ``v`` takes all of ``R_O`` (the ``cp`` form); with ``v`` constant, ``P`` takes all of it; of
-    ``q k^T`` with one constant factor, the other takes all of ``R_S``."""
+    ``v`` takes all of ``R_O``, by the contraction rule ``dense`` (the preset's rule for a layer
+    with a constant weight, ``P``; the epsilon rule when ``None``); with ``v`` constant, ``P``
+    takes all of it; of ``q k^T`` with one constant factor, the other takes all of ``R_S``."""
     dq, dk, dv = data
-    cp = cp or not (dq or dk)
+    constant_p = not (dq or dk)
+    cp = cp or constant_p
     hq, hk = q.shape[-3] if q.dim() > 2 else 1, k.shape[-3] if k.dim() > 2 else 1
     groups = hq // hk
     if groups > 1:
@@ -128,7 +138,10 @@ def sdpa_relevance(
     # O = P v: uniform bilinear rule (O is the node's saved output when given)
     g = safe_divide(r, p @ v if out is None else out, eps)
     if cp:  # CP-LRP: P is a constant, O = P v a linear map of v (epsilon rule)
-        r_v = v * (p.transpose(-1, -2) @ g)
+        if constant_p and dense is not None and not isinstance(dense, Epsilon):
+            r_v = dense(_P_TIMES_V, v, p, None, r, eps).x  # P a weight: the preset's layer rule
+        else:
+            r_v = v * (p.transpose(-1, -2) @ g)
         if groups > 1:
             r_v = r_v.reshape(r_v.shape[:-3] + (hk, groups) + r_v.shape[-2:]).sum(-3)
         return None, None, r_v, None
@@ -194,6 +207,7 @@ def _sdpa(ctx: RuleContext):
         out=out,
         add=ctx.rules.add,
         data=(ctx.data[0], ctx.data[1], ctx.data[2]),
+        dense=None if ctx.data[0] or ctx.data[1] else ctx.layer_rule("dense"),
     )
     outs = [rq, rk, rv] + [None] * (ctx.n_inputs() - 3)
     if r_mask is not None:

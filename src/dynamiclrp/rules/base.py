@@ -10,7 +10,8 @@ An :class:`OpEntry` answers, for one autograd node type, everything the engine n
 - ``replay``: the forward computation of the node from its input values (the forward chain of a
   promise);
 - ``kind``, ``operands``, ``canonize``: what the plan needs to know of contractions and batch norms
-  (which layer is the first one, which batch norm merges into which contraction).
+  (which layer is the first one, which batch norm merges into which contraction);
+- ``elementwise``: the op is element-wise (:mod:`dynamiclrp.regions`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class OpEntry:
     source: bool = False
     """The output is the representation of integer data (an embedding lookup): it counts as data
     when the table it reads from is a requested input."""
+    elementwise: bool = False
+    """Each output element depends only on the same-position element of each (broadcast) input:
+    ``z[i] = f(a[i], b[i], ...)`` (unary ops, add, sub, mul, div, casts, clone, where).  The plan
+    finds element-wise regions of one data tensor from these (:mod:`dynamiclrp.regions`)."""
 
 
 _WRAP = 1 << 64

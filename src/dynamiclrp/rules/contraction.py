@@ -229,7 +229,7 @@ def _mm_rule(ctx: RuleContext):
 def _addmm_rule(ctx: RuleContext):
     """``z = beta * c + alpha * (a @ b)``, explained as its expansion ``beta * c + alpha * a @ b``.
 
-    With one data factor and a constant ``c``, ``beta * c`` is the bias of the layer
+    With at most one data factor and a constant ``c``, ``beta * c`` is the bias of the layer
     ``f(x, alpha * w)`` (as the fused ``c + alpha * (x @ W)``): the contraction rule with ``z``
     the full output.  Otherwise (``c`` is data, or both factors are) ``R`` is split over the
     summands ``beta * c`` and ``alpha * a @ b`` like add (``Rules.add``), a constant ``c``
@@ -237,7 +237,7 @@ def _addmm_rule(ctx: RuleContext):
     bias (``alpha`` passes it on, as ``alpha * x`` does)."""
     alpha = getattr(ctx.fn, "_saved_alpha", 1)
     m = matmul_map()
-    if not ctx.data[0] and ctx.data[1] + ctx.data[2] == 1:
+    if not ctx.data[0] and not (ctx.data[1] and ctx.data[2]):
         return contract(ctx, m, "dense", (1, 2), 0, _addmm_bias, weight_scale=alpha)
     beta = getattr(ctx.fn, "_saved_beta", 1)
     p = m.forward(ctx.input_value(1), ctx.input_value(2))

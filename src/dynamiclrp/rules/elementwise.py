@@ -28,7 +28,7 @@ Fused, split like add (``Rules.add``) over their summands, then as above:
 - ``lerp(a, b, w) = (1 - w) * a + w * b``: ``R`` split over ``(1 - w) * a`` and ``w * b`` like add;
   a tensor weight is a constant (one that depends on data raises ``NotImplementedError``).
 
-Unary (relu, gelu, silu, sigmoid, tanh, exp, log, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
+Unary (relu, gelu, silu, sigmoid, tanh, exp, expm1, log, log1p, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
 identity rule, ``R_in = R_out``.
 """
 
@@ -427,6 +427,7 @@ def _unary(replay=None, saved_inputs=None, saved_outputs=None, coefficient=None)
         saved_inputs=saved_inputs or {},
         saved_outputs=saved_outputs or {},
         coefficient=coefficient,
+        elementwise=True,
     )
 
 
@@ -448,6 +449,7 @@ TABLE = {
         coefficient=_coefficient(1.0),
         sums=True,
         replay=_add_replay(1.0),
+        elementwise=True,
     ),
     "SubBackward0": OpEntry(
         "elementwise-binary",
@@ -456,6 +458,7 @@ TABLE = {
         coefficient=_coefficient(-1.0),
         sums=True,
         replay=_add_replay(-1.0),
+        elementwise=True,
     ),
     "MulBackward0": OpEntry(
         "elementwise-binary",
@@ -464,6 +467,7 @@ TABLE = {
         replay=lambda c: (_operand(c, 0, "_saved_self") * _operand(c, 1, "_saved_other"),),
         factors=(0, 1),
         coefficient=_scalar_factor(divide=False),
+        elementwise=True,
     ),
     "DivBackward0": OpEntry(
         "elementwise-binary",
@@ -472,6 +476,7 @@ TABLE = {
         replay=lambda c: (_operand(c, 0, "_saved_self") / _operand(c, 1, "_saved_other"),),
         factors=(0, 1),
         coefficient=_scalar_factor(divide=True),
+        elementwise=True,
     ),
     # a Python scalar operand: an element-wise map of one tensor
     "AddBackward1": _unary(),
@@ -540,6 +545,7 @@ TABLE = {
         saved_inputs={1: "_saved_tensor1", 2: "_saved_tensor2"},
         factors=(1, 2),
         replay=lambda c: (torch.addcmul(*c.inputs, value=c.saved("_saved_value")),),
+        elementwise=True,
     ),
     "AddcdivBackward0": OpEntry(
         "elementwise-binary",
@@ -548,12 +554,14 @@ TABLE = {
         saved_inputs={1: "_saved_tensor1", 2: "_saved_tensor2"},
         factors=(1, 2),
         replay=lambda c: (torch.addcdiv(*c.inputs, value=c.saved("_saved_value")),),
+        elementwise=True,
     ),
     "LerpBackward0": OpEntry(
         "elementwise-binary",
         lerp_rule,
         needs_values=True,
         replay=lambda c: (torch.lerp(*c.inputs, c.saved("_saved_weight")),),
+        elementwise=True,
     ),
     "LerpBackward1": OpEntry(
         "elementwise-binary",
@@ -561,6 +569,7 @@ TABLE = {
         needs_values=True,
         saved_inputs={0: "_saved_self", 1: "_saved_end", 2: "_saved_weight"},
         replay=lambda c: (torch.lerp(*c.inputs),),
+        elementwise=True,
     ),
     # --- added: the remaining element-wise unary nodes (identity rule) -------------------------
     "AtanBackward0": _self_op(lambda c, x: torch.atan(x)),

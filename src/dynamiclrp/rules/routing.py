@@ -140,16 +140,24 @@ def _split(c: ReplayContext):
 
 
 def _routing(
-    replay=None, saved_inputs=None, saved_outputs=None, canonize=None, rearranges=False
+    replay=None,
+    saved_inputs=None,
+    saved_outputs=None,
+    canonize=None,
+    rearranges=False,
+    elementwise=False,
+    source=False,
 ) -> OpEntry:
     return OpEntry(
         "routing",
         route_like_gradient,
+        source=source,
         replay=replay,
         saved_inputs=saved_inputs or {},
         saved_outputs=saved_outputs or {},
         canonize=canonize,
         rearranges=rearranges,
+        elementwise=elementwise,
     )
 
 
@@ -209,9 +217,13 @@ TABLE = {
         lambda c: (c.inputs[0].select(c.saved("_saved_dim"), c.saved("_saved_index")),)
     ),
     "SliceBackward0": _routing(_slice),
-    "IndexBackward0": _routing(_index),
+    # lookups by an index tensor: data when the table they read is a requested input (as embedding)
+    "IndexBackward0": _routing(_index, source=True),
     "IndexSelectBackward0": _routing(
-        lambda c: (torch.index_select(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_index")),)
+        lambda c: (
+            torch.index_select(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_index")),
+        ),
+        source=True,
     ),
     "GatherBackward0": _routing(
         lambda c: (torch.gather(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_index")),),
@@ -223,10 +235,19 @@ TABLE = {
     "SplitWithSizesBackward0": _routing(_split),
     "UnsafeSplitBackward0": _routing(_split),
     "UnbindBackward0": _routing(lambda c: torch.unbind(c.inputs[0], c.saved("_saved_dim"))),
-    "CloneBackward0": _routing(lambda c: (c.inputs[0],), rearranges=True),
-    "ToCopyBackward0": _routing(lambda c: (c.inputs[0].to(c.out_dtype()),)),
+    # element-wise: each output element is the same-position input element (regions.py)
+    "CloneBackward0": _routing(lambda c: (c.inputs[0],), rearranges=True, elementwise=True),
+    "ToCopyBackward0": _routing(lambda c: (c.inputs[0].to(c.out_dtype()),), elementwise=True),
     "ConstantPadNdBackward0": _routing(
         lambda c: (torch.nn.functional.pad(c.inputs[0], c.saved("_saved_pad")),)
+    ),
+    "PixelShuffleBackward0": _routing(
+        lambda c: (torch.pixel_shuffle(c.inputs[0], c.saved("_saved_upscale_factor")),),
+        rearranges=True,
+    ),
+    "PixelUnshuffleBackward0": _routing(
+        lambda c: (torch.pixel_unshuffle(c.inputs[0], c.saved("_saved_downscale_factor")),),
+        rearranges=True,
     ),
     "FlipBackward0": _routing(
         lambda c: (c.inputs[0].flip(c.saved("_saved_dims")),), rearranges=True
@@ -237,10 +258,12 @@ TABLE = {
     # the fill value is not saved: replayed as -inf, only where PromiseResolver has checked that
     # every consumer is a softmax whose output is 0 on the mask (promises._check_masked_softmax)
     "MaskedFillBackward0": _routing(
-        lambda c: (c.inputs[0].masked_fill(c.saved("_saved_mask"), float("-inf")),)
+        lambda c: (c.inputs[0].masked_fill(c.saved("_saved_mask"), float("-inf")),),
+        elementwise=True,
     ),
     "WhereBackward0": _routing(
-        lambda c: (torch.where(c.saved("_saved_condition"), c.inputs[0], c.inputs[1]),)
+        lambda c: (torch.where(c.saved("_saved_condition"), c.inputs[0], c.inputs[1]),),
+        elementwise=True,
     ),
     "TrilBackward0": _routing(lambda c: (c.inputs[0].tril(c.saved("_saved_diagonal")),)),
     "TriuBackward0": _routing(lambda c: (c.inputs[0].triu(c.saved("_saved_diagonal")),)),

@@ -448,6 +448,7 @@ TABLE = {
         embedding_bag_rule,
         saved_inputs={0: "_saved_weight"},
         replay=_bag_replay,
+        source=True,
     ),
     "Col2ImBackward0": OpEntry(
         "reduction",
