@@ -92,12 +92,27 @@ def _bn_eps(fn) -> float:
     return fn._saved_eps if hasattr(fn, "_saved_eps") else fn._saved_epsilon
 
 
+#: Batch-norm nodes that save no ``_saved_training`` flag: the op itself fixes the mode.
+_FIXED_MODE = {
+    "BatchNormWithUpdateBackward0": True,  # aten::_batch_norm_with_update: batch statistics
+    "BatchNormNoUpdateBackward0": False,  # aten::_batch_norm_no_update: running statistics
+    "NativeBatchNormLegitNoTrainingBackward0": False,
+}
+
+
+def _training(fn) -> bool:
+    """Whether the batch norm used batch statistics (``_saved_training``, else fixed by the op)."""
+    if hasattr(fn, "_saved_training"):
+        return bool(fn._saved_training)
+    return _FIXED_MODE[type(fn).__name__]
+
+
 def batchnorm_affine(ctx: RuleContext):
     """``(scale, shift)`` with ``y = x * scale + shift`` of an eval-mode batch norm, viewed
     ``(1, C, 1, ...)`` (``shift`` in the output's shape when a frozen bias had to be recovered);
     ``None`` in training mode (batch statistics: nothing to merge)."""
     fn = ctx.fn
-    if fn._saved_training:
+    if _training(fn):
         return None
     per_channel = [1, -1] + [1] * (len(fn._input_metadata[0].shape) - 2)
     w = fn._saved_weight
@@ -114,13 +129,13 @@ def batchnorm_affine(ctx: RuleContext):
 
 def _batch_norm(ctx: RuleContext):
     fn = ctx.fn
-    if ctx.rules.batchnorm == "pass" or (ctx.partner() is not None and not fn._saved_training):
+    if ctx.rules.batchnorm == "pass" or (ctx.partner() is not None and not _training(fn)):
         return [ctx.r, None, None]  # Zennit's Pass, or merged into the layer before it
     x = ctx.input_value(0)
     c = x.shape[1]
     per_channel = [1, c] + [1] * (x.dim() - 2)
     w = fn._saved_weight
-    if fn._saved_training:
+    if _training(fn):
         mean, invstd = fn._saved_result1, fn._saved_result2
     else:
         mean = fn._saved_running_mean
@@ -128,7 +143,7 @@ def _batch_norm(ctx: RuleContext):
     scale = invstd.view(per_channel)
     if w is not None:
         scale = scale * w.view(per_channel)
-    if not fn._saved_training and (w is None or fn.next_functions[2][0] is not None):
+    if not _training(fn) and (w is None or fn.next_functions[2][0] is not None):
         return _batch_norm_eval(ctx, x, scale, mean.view(per_channel), per_channel)
     y = (x - mean.view(per_channel)) * scale
     b = _affine_bias(ctx, w is not None, per_channel, y)
@@ -136,7 +151,7 @@ def _batch_norm(ctx: RuleContext):
         y = y + b
     gy = safe_divide(ctx.r, y, ctx.eps)
     g = gy * scale
-    if fn._saved_training:  # batch statistics: the centring is part of the linear map
+    if _training(fn):  # batch statistics: the centring is part of the linear map
         dims = [0] + list(range(2, x.dim()))
         rx = x * (g - g.mean(dims, keepdim=True))
     else:
@@ -170,7 +185,7 @@ def _bn_replay(c):
     x, b = c.inputs[0], c.inputs[2]
     w = c.inputs[1] if c.inputs[1] is not None else fn._saved_weight
     per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
-    if fn._saved_training:
+    if _training(fn):
         mean, invstd = fn._saved_result1, fn._saved_result2
     else:
         mean = fn._saved_running_mean
@@ -242,6 +257,35 @@ TABLE = {
         canonize="batchnorm",
     ),
     "CudnnBatchNormBackward0": OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+    ),
+    # --- census (issue 14): the other native batch-norm nodes (same op, same saved tensors)
+    "NativeBatchNormLegitBackward0": OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+    ),
+    "NativeBatchNormLegitNoTrainingBackward0": OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+    ),
+    "BatchNormWithUpdateBackward0": OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+    ),
+    "BatchNormNoUpdateBackward0": OpEntry(
         "normalisation",
         _batch_norm,
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},

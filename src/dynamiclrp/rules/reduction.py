@@ -165,7 +165,10 @@ def _entry(forward, saved_self: bool, rule=None) -> OpEntry:
 
 
 def _group_dims(fn, ndim: int) -> list[int]:
-    """The reduced dimensions, non-negative; ``None`` or empty means all."""
+    """The reduced dimensions, non-negative; ``None`` or empty means all.  A 0-d input has no
+    dimension to reduce (``dim=0`` or ``-1`` names the scalar itself): ``[]``, a group of one."""
+    if ndim == 0:
+        return []
     dims = saved(fn, "_saved_dim") if hasattr(fn, "_saved_dim") else None
     if dims is None:
         return list(range(ndim))
@@ -206,11 +209,17 @@ def _norm_weights(x: Tensor, p: float, dims: list[int]) -> Tensor:
 def norm_rule(ctx: RuleContext):
     """``z = ||x||_p`` over a group: ``R_x = R * |x|^p / sum_G |x|^p``, each element's share of
     the ``p``-th power sum.  ``p = inf`` (``-inf``): all to the element(s) of largest (smallest)
-    magnitude, ties split evenly; ``p = 0``: evenly over the non-zero elements."""
+    magnitude, ties split evenly; ``p = 0``: evenly over the non-zero elements.  ``p`` is
+    ``_saved_ord`` (``linalg.vector_norm``) or ``_saved_p`` (``torch.norm``, ``None`` for 2)."""
     x = ctx.input_value(0)
     dims = _group_dims(ctx.fn, x.dim())
-    p = float(ctx.saved("_saved_ord"))
+    p = _norm_order(ctx.fn)
     return (_split_by_weight(_norm_weights(x, p, dims), ctx.r, dims),)
+
+
+def _norm_order(fn) -> float:
+    p = saved(fn, "_saved_ord") if hasattr(fn, "_saved_ord") else saved(fn, "_saved_p")
+    return 2.0 if p is None else float(p)
 
 
 def _centred_squares(x: Tensor, dims: list[int]) -> Tensor:
@@ -288,6 +297,31 @@ def _prod_entry() -> OpEntry:
     )
 
 
+def _nansum(fn, x):
+    dims = saved(fn, "_saved_dim")
+    if dims is None or not len(dims):
+        return torch.nansum(x)
+    return torch.nansum(x, list(dims), keepdim=saved(fn, "_saved_keepdim"))
+
+
+def _norm_replay(c):
+    x, p = c.inputs[0], _norm_order(c.fn)
+    if not hasattr(c.fn, "_saved_dim"):
+        return (torch.linalg.vector_norm(x, p),)
+    return (torch.linalg.vector_norm(x, p, c.saved("_saved_dim"), c.saved("_saved_keepdim")),)
+
+
+def _norm_entry() -> OpEntry:
+    """``torch.norm(x, p[, dim, keepdim][, dtype])``: a vector p-norm (:func:`norm_rule`)."""
+    return OpEntry(
+        "reduction",
+        norm_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=_norm_replay,
+    )
+
+
 TABLE = {
     "SumBackward0": _entry(lambda fn, x: x.sum(), saved_self=False),
     "SumBackward1": _entry(_sum_dims, saved_self=False),
@@ -320,6 +354,16 @@ TABLE = {
     "StdMeanBackward0": _moment_entry(torch.std_mean, "_saved_result0"),
     "ProdBackward0": _prod_entry(),
     "ProdBackward1": _prod_entry(),
+    # --- census (issue 14): reductions found by benchmarks/census.py
+    # trace = sum of the diagonal: linear, coefficients 1 (the backward scatters onto it)
+    "TraceBackward0": _entry(lambda fn, x: torch.trace(x), saved_self=False),
+    # nansum = sum of the non-NaN elements (an input to explain is finite: a plain sum there)
+    "NansumBackward0": _entry(_nansum, saved_self=True),
+    # torch.norm (aten::norm): the p-norm rule of linalg.vector_norm, p read from _saved_p
+    "NormBackward0": _norm_entry(),
+    "NormBackward1": _norm_entry(),
+    "NormBackward2": _norm_entry(),
+    "NormBackward3": _norm_entry(),
 }
 for _name, (_op, _scales) in _UPSAMPLE.items():
     TABLE[_name] = _entry(_upsample(_op, _scales), saved_self=False)
