@@ -30,7 +30,8 @@ def _bias_out(ctx: RuleContext, slot: int, rb, per_channel: bool = False):
 def _layer_norm(ctx: RuleContext):
     """``y = (x - mean) * rstd * w + b`` with the statistics held constant:
     ``R_x = x * (g - mean(g))``, ``g = w * rstd * R / stab(y)``, and the bias absorbs
-    ``b * R / stab(y)`` (summed per feature as ``b * sum(R / stab(y))``)."""
+    ``b * R / stab(y)`` (summed per feature as ``b * sum(R / stab(y))``).  When ``x`` is a
+    constant and the weight is data, ``y`` is linear in ``w``: ``R_w = xhat * w * R / stab(y)``."""
     fn = ctx.fn
     x = ctx.input_value(0)
     w, b = fn._saved_weight, fn._saved_bias
@@ -44,6 +45,11 @@ def _layer_norm(ctx: RuleContext):
         lead = tuple(range(gy.dim() - b.dim()))
         rb = (gy.sum(lead) if lead else gy) * b
         rb = sum_to_shape(rb, ctx.input_shape(2))
+    if w is not None and ctx.data[1] and not ctx.data[0]:
+        # census (issue 14): x is a constant and the weight is data: y = xhat * w + b is linear
+        # in w, the epsilon rule R_w = xhat * w * R / stab(y) (summed over the leading dims)
+        rw = (x - mean).mul_(scale).mul_(gy)
+        return [None, sum_to_shape(rw, ctx.input_shape(1)), rb]
     g = gy.mul_(scale) if gy.shape == torch.broadcast_shapes(gy.shape, scale.shape) else gy * scale
     rx = (
         g.sub_(g.mean(dims, keepdim=True)).mul_(x)
