@@ -114,6 +114,83 @@ def _copy_slices_step(x):
 UNARY_ROUTES["copy_slices_zero"] = _copy_slices_zero
 UNARY_ROUTES["copy_slices_step"] = _copy_slices_step
 
+# census (issue 14): node types added from the OpInfo census
+SCATTER_MASK = torch.tensor([[True, False, True, False], [False] * 4, [True, True, False, True]])
+UNARY_ROUTES.update(
+    {
+        "view_copy": lambda x: torch.view_copy(x, (2, 6)),
+        "permute_copy": lambda x: torch.permute_copy(x.unsqueeze(0), (2, 0, 1)),
+        "transpose_copy": lambda x: torch.transpose_copy(x, 0, 1),
+        "t_copy": lambda x: torch.t_copy(x),
+        "squeeze_copy_dim": lambda x: torch.squeeze_copy(x.unsqueeze(1), 1),
+        "squeeze_copy_dims": lambda x: torch.squeeze_copy(x.unsqueeze(1), (1,)),
+        "squeeze_copy_all": lambda x: torch.squeeze_copy(x[:1].unsqueeze(-1)),
+        "unsqueeze_copy": lambda x: torch.unsqueeze_copy(x, 1),
+        "expand_copy": lambda x: torch.expand_copy(x[:, :1], (3, 5)),
+        "diagonal_copy": lambda x: torch.diagonal_copy(x, 1),
+        "alias_copy": lambda x: torch.alias_copy(x),
+        "unbind_copy_piece": lambda x: torch.unbind_copy(x, 1)[2],
+        "unfold_copy": lambda x: torch.unfold_copy(x, 1, 2, 1),
+        "split_with_sizes_copy_piece": lambda x: torch.split_with_sizes_copy(x, [1, 3], 1)[1],
+        "narrow_copy": lambda x: x.narrow_copy(1, 1, 2),
+        "squeeze_in_place_dim": lambda x: x.unsqueeze(1).clone().squeeze_(1),
+        "squeeze_in_place_all": lambda x: x[:1].unsqueeze(-1).clone().squeeze_(),
+        "copy_into_broadcast": lambda x: torch.zeros(2, 3, 4, dtype=DT).copy_(x),
+        "zero_": lambda x: (x * 1).zero_(),
+        "rot90": lambda x: torch.rot90(x, 1, (0, 1)),
+        "rot90_k3": lambda x: torch.rot90(x, -1, (1, 0)),
+        "diag_embed": lambda x: torch.diag_embed(x, 1),
+        "block_diag": lambda x: torch.block_diag(x, x[:2, 1:]),
+        "masked_select": lambda x: torch.masked_select(x, MASK),
+        "take": lambda x: torch.take(x, IDX2),
+        "select_scatter": lambda x: torch.select_scatter(x, x[2], 0, 1),
+        "slice_scatter": lambda x: torch.slice_scatter(x, x[:, :2], 1, 2, 4),
+        "diagonal_scatter": lambda x: torch.diagonal_scatter(x, x[0, :3], 0),
+        "masked_scatter": lambda x: x.masked_scatter(SCATTER_MASK, x.flip(0)),
+        "reflection_pad1d": lambda x: F.pad(x.unsqueeze(0), (2, 1), mode="reflect"),
+        "reflection_pad2d": lambda x: F.pad(x.unsqueeze(0), (1, 2, 2, 1), mode="reflect"),
+        "reflection_pad3d": lambda x: F.pad(
+            x.reshape(1, 1, 3, 2, 2), (1, 1, 1, 0, 2, 1), "reflect"
+        ),
+        "replication_pad1d": lambda x: F.pad(x.unsqueeze(0), (3, 1), mode="replicate"),
+        "replication_pad2d": lambda x: F.pad(x.unsqueeze(0), (1, 3, 4, 1), mode="replicate"),
+        "replication_pad3d": lambda x: F.pad(
+            x.reshape(1, 1, 3, 2, 2), (2, 1, 0, 1, 3, 1), "replicate"
+        ),
+        "pixel_shuffle": lambda x: F.pixel_shuffle(x.reshape(1, 4, 1, 3), 2),
+        "pixel_unshuffle": lambda x: F.pixel_unshuffle(x.reshape(1, 1, 2, 6), 2),
+        "channel_shuffle": lambda x: F.channel_shuffle(x.reshape(1, 4, 3), 2),
+        "min_dim": lambda x: x.min(1).values,
+        "min_dim_keepdim": lambda x: x.min(0, keepdim=True).values,
+        "sort_descending": lambda x: x.sort(1, descending=True).values,
+        "sort_stable": lambda x: torch.sort(x, dim=0, stable=True).values,
+        "topk": lambda x: x.topk(2, 1).values,
+        "topk_smallest_unsorted": lambda x: x.topk(2, 0, largest=False, sorted=False).values,
+        "kthvalue": lambda x: x.kthvalue(2, 1).values,
+        "kthvalue_keepdim": lambda x: x.kthvalue(3, 0, keepdim=True).values,
+        "median_dim": lambda x: x.median(1).values,
+        "median_all": lambda x: x.median(),
+        "nanmedian_dim": lambda x: x.nanmedian(0, keepdim=True).values,
+        "nanmedian_all": lambda x: x.nanmedian(),
+        "mode": lambda x: torch.cat([x, x[:, :1]], 1).mode(1).values,
+        "cummax": lambda x: x.cummax(1).values,
+        "cummin": lambda x: x.cummin(0).values,
+        "aminmax_min": lambda x: torch.aminmax(x, dim=1).min,
+        "aminmax_max": lambda x: torch.aminmax(x, dim=0, keepdim=True).max,
+        "maximum": lambda x: torch.maximum(x, x.flip(1)),
+        "minimum": lambda x: torch.minimum(x, x.flip(1)),
+        "fmax": lambda x: torch.fmax(x, x.roll(1, 0)),
+        "fmin": lambda x: torch.fmin(x, x.roll(1, 1)),
+        "clamp_min_tensor": lambda x: torch.clamp_min(x, x.flip(1)),
+        "clamp_max_tensor": lambda x: torch.clamp_max(x, x.flip(1).roll(1, 0)),
+        "masked_fill_value_tensor": lambda x: x.masked_fill(MASK, x[0, 0]),
+        "index_fill": lambda x: x.index_fill(1, IDX[:2], 0.5),
+        "index_fill_value_tensor": lambda x: x.index_fill(0, IDX[1:3], x[1, 2]),
+        "as_strided_copy": lambda x: torch.as_strided_copy(x, (3, 3), (1, 2)),
+        "adaptive_max_pool3d": lambda x: F.adaptive_max_pool3d(x.reshape(1, 1, 3, 2, 2), (2, 1, 2)),
+    }
+)
+
 
 def _route_case(name: str, seed: int = 0):
     g = gen(seed)

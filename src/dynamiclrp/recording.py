@@ -68,6 +68,9 @@ NEEDS_RECORDING = {
     "CopySlices": lambda fn: True,
     # as_strided: autograd does not expose the input's geometry, so no replay is safe
     "AsStridedBackward0": lambda fn: True,
+    "AsStridedBackward0_copy": lambda fn: True,
+    # index_fill with a scalar: the fill value is not saved, no replay
+    "IndexFillBackward0": lambda fn: True,
     "AddmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "BaddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "ConvolutionBackward0": _conv_bias_unrecorded,
