@@ -11,6 +11,7 @@ The rules of the module docstring then read:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -385,3 +386,94 @@ def test_max_pool_value_is_recovered_for_a_downstream_add() -> None:
     rp = R * pd.abs() / (pd.abs() + bias.detach().abs())
     groups, _ = pool_groups(tuple(x.shape), (2, 2), (2, 2), (0, 0))
     close(rx, winner(groups, x, rp))
+
+
+# --- census (issue 14): trace, nansum, torch.norm nodes, 0-d groups --------------------------
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon", "zplus"])
+@pytest.mark.parametrize(
+    "name",
+    ["trace", "nansum_all", "nansum_dim", "norm_p3_dim", "norm_all", "norm_fro_dims", "norm_inf"],
+)
+def test_census_reduction_same_map_as_covered_spelling(name: str, preset: str) -> None:
+    """Each new node gives the map of the already-covered spelling of the same function."""
+    f, g_ = {
+        "trace": (torch.trace, lambda x: x.diagonal().sum()),
+        "nansum_all": (torch.nansum, torch.sum),
+        "nansum_dim": (
+            lambda x: torch.nansum(x, 1, keepdim=True),
+            lambda x: x.sum(1, keepdim=True),
+        ),
+        "norm_p3_dim": (
+            lambda x: torch.ops.aten.norm.ScalarOpt_dim(x, 3, [1]),
+            lambda x: torch.linalg.vector_norm(x, 3, dim=1),
+        ),
+        "norm_all": (lambda x: torch.ops.aten.norm.Scalar(x, 2), torch.linalg.vector_norm),
+        "norm_fro_dims": (
+            lambda x: torch.ops.aten.norm.ScalarOpt_dim_dtype(x, 2, [0, 1], False, dtype=DT),
+            lambda x: torch.linalg.vector_norm(x, 2, dim=(0, 1)),
+        ),
+        "norm_inf": (
+            lambda x: torch.ops.aten.norm.ScalarOpt_dim(x, float("inf"), [0], True),
+            lambda x: torch.linalg.vector_norm(x, float("inf"), dim=0, keepdim=True),
+        ),
+    }[name]
+    g = gen(40)
+    x = randn(g, 3, 4, grad=True)
+    R = randn(g, *f(x).shape)
+    r_new, rep = dynamiclrp.explain(f(x), x, relevance=R, rules=preset, return_report=True)
+    r_old = dynamiclrp.explain(g_(x), x, relevance=R, rules=preset)
+    close(r_new, r_old)
+    assert abs(rep.residual) < 1e-10
+
+
+def test_census_trace_and_norm_node_types() -> None:
+    """The spellings above reach the new nodes (else the test compares a map with itself;
+    ``torch.norm`` itself now dispatches to ``linalg.vector_norm`` in Python: the OpInfo census
+    reaches ``aten::norm`` through its ``norm`` samples)."""
+    x = randn(gen(41), 3, 4, grad=True)
+    names = {
+        type(torch.trace(x).grad_fn).__name__,
+        type(torch.nansum(x).grad_fn).__name__,
+        type(torch.ops.aten.norm.ScalarOpt_dim(x, 3, [1]).grad_fn).__name__,
+        type(torch.ops.aten.norm.Scalar(x, 3).grad_fn).__name__,
+        type(
+            torch.ops.aten.norm.ScalarOpt_dim_dtype(x, 2, [0, 1], False, dtype=DT).grad_fn
+        ).__name__,
+    }
+    assert names == {
+        "TraceBackward0",
+        "NansumBackward0",
+        "NormBackward1",
+        "NormBackward0",
+        "NormBackward3",
+    }
+
+
+def test_census_trace_lrp0_by_hand() -> None:
+    """``z = sum_i x_ii``: LRP-0 gives each diagonal element ``R x_ii / z``, the rest nothing."""
+    x = randn(gen(42), 4, 4, grad=True)
+    rules = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
+    rx = dynamiclrp.explain(torch.trace(x), x, relevance=torch.tensor(2.0, dtype=DT), rules=rules)
+    xd = x.detach()
+    close(rx, torch.diag(2.0 * xd.diagonal() / xd.diagonal().sum()))
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: torch.prod(x, 0),
+        lambda x: torch.linalg.vector_norm(x, 2, dim=0),
+        lambda x: torch.linalg.vector_norm(x, 3, dim=-1, keepdim=True),
+        lambda x: torch.var(x, dim=0, correction=0) + x,
+    ],
+)
+def test_census_zero_dim_groups(f) -> None:
+    """A reduction along dim 0 of a 0-d tensor is a group of one: it takes all of ``R``
+    (masked.norm / masked.prod on 0-d inputs divided by zero before)."""
+    x = torch.tensor(-1.5, dtype=DT, requires_grad=True)
+    out = f(x)
+    rx, rep = dynamiclrp.explain(out, x, relevance=torch.tensor(0.75, dtype=DT), return_report=True)
+    assert torch.isfinite(rx)
+    assert abs(rep.residual) < 1e-12
