@@ -503,16 +503,28 @@ def run_op(op, max_samples: int) -> OpResult:
             return res
         torch.manual_seed(SEED)
         samples = op.sample_inputs("cpu", torch.float64, requires_grad=True)
+        taken, tried, skipped = 0, 0, None
         for i, sample in enumerate(samples):
-            if i >= max_samples:
+            # the first max_samples samples that can be posed: samples with an empty operand
+            # are passed over (many OpInfos start with them), and no more than 5 * max_samples
+            # of the others are tried
+            if taken >= max_samples or tried >= 5 * max_samples:
                 break
             prob = Problem(op, sample)
-            if not prob.slots:
+            if not prob.slots or any(prob.value(k).numel() == 0 for k in range(len(prob.slots))):
                 continue
-            res.cases.append(run_case(prob, range(len(prob.slots)), i, "all"))
+            tried += 1
+            case = run_case(prob, range(len(prob.slots)), i, "all")
+            if case.kind == "n/a":
+                skipped = skipped or case
+                continue
+            taken += 1
+            res.cases.append(case)
             if len(prob.slots) > 1:
                 for k in range(len(prob.slots)):
                     res.cases.append(run_case(prob, [k], i, str(k)))
+        if not res.cases and skipped is not None:
+            res.cases.append(skipped)
     except Exception as err:  # the sample generator itself failed
         res.note = f"samples failed: {type(err).__name__}: {str(err)[:120]}"
     finally:
