@@ -115,6 +115,8 @@ UNARY_ROUTES["copy_slices_zero"] = _copy_slices_zero
 UNARY_ROUTES["copy_slices_step"] = _copy_slices_step
 
 # census (issue 14): node types added from the OpInfo census
+# distinct flat indices (3 planes of 8 and of 4 x 4): non-overlapping max pooling's
+UNPOOL_IDX = torch.tensor([[[1, 2, 5, 7], [0, 3, 4, 6], [1, 3, 5, 6]]])
 SCATTER_MASK = torch.tensor([[True, False, True, False], [False] * 4, [True, True, False, True]])
 UNARY_ROUTES.update(
     {
@@ -188,6 +190,12 @@ UNARY_ROUTES.update(
         "index_fill_value_tensor": lambda x: x.index_fill(0, IDX[1:3], x[1, 2]),
         "as_strided_copy": lambda x: torch.as_strided_copy(x, (3, 3), (1, 2)),
         "adaptive_max_pool3d": lambda x: F.adaptive_max_pool3d(x.reshape(1, 1, 3, 2, 2), (2, 1, 2)),
+        "max_unpool1d": lambda x: F.max_unpool1d(x.unsqueeze(0), UNPOOL_IDX, 2),
+        "max_unpool2d": lambda x: F.max_unpool2d(
+            x.reshape(1, 3, 2, 2), UNPOOL_IDX.view(1, 3, 2, 2), 2
+        ),
+        "index_copy": lambda x: x.index_copy(1, torch.tensor([3, 0]), x[:, 1:3]),
+        "put": lambda x: x.put(torch.tensor([5, 0, 11]), x[1, :3]),
     }
 )
 
@@ -463,3 +471,21 @@ def test_rearranging_ops_keep_the_books_and_name_the_first_bad_op(name: str) -> 
     z = REARRANGING[name](x32 @ torch.zeros(4, 4))
     with pytest.raises(dynamiclrp.NonFiniteRelevanceError, match="at (Mm|Bmm)Backward0"):
         dynamiclrp.explain(z, x32, relevance=torch.full_like(z, 1e37))
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: F.max_unpool1d(x.unsqueeze(0), torch.zeros(1, 3, 4, dtype=torch.long), 2),
+        lambda x: x.index_copy(1, torch.tensor([1, 1]), x[:, 2:]),
+        lambda x: x.put(torch.tensor([4, 4]), x[0, :2]),
+        lambda x: x.put(torch.tensor([4, 5]), x[0, :2], accumulate=True),
+    ],
+    ids=["unpool_duplicates", "index_copy_duplicates", "put_duplicates", "put_accumulate"],
+)
+def test_census_writes_that_meet_are_refused(f) -> None:
+    """Duplicate indices: the gradient reaches every writer though only the last write is kept,
+    so routing like it would duplicate relevance; accumulating is a sum.  Both refused."""
+    x = randn(gen(60), 3, 4, grad=True)
+    with pytest.raises(dynamiclrp.UncoveredOpError, match="duplicate indices|accumulates"):
+        dynamiclrp.explain(f(x), x)

@@ -206,6 +206,68 @@ def _pooled_at(dims: int):
     return replay
 
 
+def _distinct_writes(what: str, indices, accumulate_attr: str | None = None):
+    """Rule of an op that writes input elements to indexed output elements (``max_unpool``,
+    ``index_copy``, ``put``): routed like its gradient when no two writes hit one output
+    element.  ``indices(ctx)`` gives the written positions, one row per independent plane;
+    with a duplicate the last write wins but the gradient reaches every writer, so routing
+    relevance like it would duplicate relevance: refused, as is an accumulating write (a sum)."""
+
+    def rule(ctx: RuleContext):
+        from ..errors import UncoveredOpError
+
+        if accumulate_attr is not None and ctx.saved(accumulate_attr):
+            raise UncoveredOpError(
+                f"{ctx.fn.name()} (node {ctx.idx}) accumulates {what} into the output "
+                "(accumulate=True): a sum of the overwritten and the written elements, not a "
+                "routing, and it has no rule. Write it as an index_add or a scatter_add."
+            )
+        idx = indices(ctx)
+        srt = idx.sort(-1).values
+        if bool((srt[..., 1:] == srt[..., :-1]).any()):
+            raise UncoveredOpError(
+                f"{ctx.fn.name()} (node {ctx.idx}) writes several {what} into one output "
+                "element (duplicate indices): the last write wins, but autograd routes the "
+                "gradient to every writer, so routing relevance like it would duplicate it. "
+                "Make the indices distinct (or write the op as a scatter with reduce=)."
+            )
+        return route_like_gradient(ctx)
+
+    return rule
+
+
+def _unpool_replay(dims: int):
+    """``max_unpool``: zeros of the output's shape with the input written at the saved flat
+    indices of each plane (exact for distinct indices; stride and padding are not saved)."""
+
+    def replay(c: ReplayContext):
+        x, idx = c.inputs[0], c.saved("_saved_indices")
+        shape = c.out_shape()
+        out = x.new_zeros(*shape[:-dims], shape[-dims:].numel())
+        out.scatter_(-1, idx.flatten(-dims), x.flatten(-dims))
+        return (out.view(shape),)
+
+    return replay
+
+
+def _unpool(dims: int) -> OpEntry:
+    return OpEntry(
+        "routing",
+        _distinct_writes("input elements", lambda ctx: ctx.saved("_saved_indices").flatten(-dims)),
+        replay=_unpool_replay(dims),
+    )
+
+
+def _index_copy_replay(c: ReplayContext):
+    src = c.inputs[1] if c.inputs[1] is not None else c.saved("_saved_source")
+    return (c.inputs[0].index_copy(c.saved("_saved_dim"), c.saved("_saved_index"), src),)
+
+
+def _put_replay(c: ReplayContext):
+    src = c.inputs[1] if c.inputs[1] is not None else c.saved("_saved_source")
+    return (c.inputs[0].put(c.saved("_saved_index"), src, c.saved("_saved_accumulate")),)
+
+
 def _copy(c: ReplayContext):
     """``self.copy_(src)``: the output is ``src`` broadcast to ``self``'s shape and dtype."""
     return (c.inputs[1].to(c.out_dtype()).expand(c.out_shape()).clone(),)
@@ -512,4 +574,21 @@ TABLE = {
     ),
     "FractionalMaxPool2DBackward0": _routing(_pooled_at(2), saved_inputs={0: "_saved_self"}),
     "FractionalMaxPool3DBackward0": _routing(_pooled_at(3), saved_inputs={0: "_saved_self"}),
+    # writes to indexed positions: routing when no two writes meet (else a specific refusal)
+    "MaxUnpool2DBackward0": _unpool(2),
+    "MaxUnpool3DBackward0": _unpool(3),
+    "IndexCopyBackward0": OpEntry(
+        "routing",
+        _distinct_writes("source slices", lambda ctx: ctx.saved("_saved_index").flatten()),
+        saved_inputs={1: "_saved_source"},
+        replay=_index_copy_replay,
+    ),
+    "PutBackward0": OpEntry(
+        "routing",
+        _distinct_writes(
+            "source elements", lambda ctx: ctx.saved("_saved_index").flatten(), "_saved_accumulate"
+        ),
+        saved_inputs={1: "_saved_source"},
+        replay=_put_replay,
+    ),
 }
