@@ -477,3 +477,23 @@ def test_census_zero_dim_groups(f) -> None:
     rx, rep = dynamiclrp.explain(out, x, relevance=torch.tensor(0.75, dtype=DT), return_report=True)
     assert torch.isfinite(rx)
     assert abs(rep.residual) < 1e-12
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon"])
+@pytest.mark.parametrize("p", [2.0, 3.0, 1.0, float("inf")])
+@pytest.mark.parametrize("which", ["both", "x", "y_broadcast"])
+def test_census_dist_same_map_as_norm_of_difference(which: str, p: float, preset: str) -> None:
+    """``torch.dist(x, y, p)`` (``DistBackward0``) gives the map of ``vector_norm(x - y, p)``."""
+    g = gen(43)
+    x = randn(g, 3, 4, grad=which in ("both", "x"))
+    y = randn(g, 3, 4, grad=which == "both") if which != "y_broadcast" else randn(g, 4, grad=True)
+    xs = [t for t in (x, y) if t.requires_grad]
+    out = torch.dist(x, y, p)
+    assert type(out.grad_fn).__name__ == "DistBackward0"
+    R = torch.tensor(0.7, dtype=DT)
+    r_new, rep = dynamiclrp.explain(out, xs, relevance=R, rules=preset, return_report=True)
+    ref = torch.linalg.vector_norm(x - y, p)
+    r_ref = dynamiclrp.explain(ref, xs, relevance=R, rules=preset)
+    for a, b in zip(r_new, r_ref, strict=True):
+        close(a, b)
+    assert abs(rep.residual) < 1e-10

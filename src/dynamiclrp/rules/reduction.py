@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import OpEntry, RuleContext, ratio, saved
+from .base import OpEntry, RuleContext, ratio, saved, sum_to_shape
 from .elementwise import cancelled
 from .linear import safe_divide
 
@@ -217,6 +217,28 @@ def norm_rule(ctx: RuleContext):
     return (_split_by_weight(_norm_weights(x, p, dims), ctx.r, dims),)
 
 
+def dist_rule(ctx: RuleContext):
+    """``z = dist(x, y, p) = ||x - y||_p``: the p-norm rule (:func:`norm_rule`) on the difference
+    ``d = x - y``, ``R_d = R * |d|^p / sum |d|^p``, then each ``R_d`` split over the summands
+    ``x`` and ``-y`` by the add rule (``Rules.add``): the map of ``vector_norm(x - y, p)``.  An
+    operand that does not require grad (saved by the node all the same) absorbs its share."""
+    from types import SimpleNamespace
+
+    from .elementwise import split_sum
+
+    x, y = torch.broadcast_tensors(ctx.input_value(0), ctx.input_value(1))
+    d = x - y
+    dims = list(range(d.dim()))
+    r_d = _split_by_weight(_norm_weights(d, _norm_order(ctx.fn), dims), ctx.r, dims)
+    # split_sum reads only the relevance and eps of its context
+    shares = split_sum(SimpleNamespace(r=r_d, eps=ctx.eps), [x, -y], ctx.rules.add)
+    outs = []
+    for slot, rel in enumerate(shares):
+        unrecorded = ctx.fn.next_functions[slot][0] is None
+        outs.append(rel if unrecorded else sum_to_shape(rel, ctx.input_shape(slot)))
+    return outs
+
+
 def _norm_order(fn) -> float:
     p = saved(fn, "_saved_ord") if hasattr(fn, "_saved_ord") else saved(fn, "_saved_p")
     return 2.0 if p is None else float(p)
@@ -364,6 +386,13 @@ TABLE = {
     "NormBackward1": _norm_entry(),
     "NormBackward2": _norm_entry(),
     "NormBackward3": _norm_entry(),
+    "DistBackward0": OpEntry(
+        "reduction",
+        dist_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.dist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
+    ),
 }
 for _name, (_op, _scales) in _UPSAMPLE.items():
     TABLE[_name] = _entry(_upsample(_op, _scales), saved_self=False)
