@@ -383,9 +383,9 @@ def _explain(out, inputs, rules, rec=None):
 
 def _asks_for_record(err: Exception) -> bool:
     """The error's advice is to run the forward pass under ``dynamiclrp.record()``."""
-    return isinstance(err, ValueRecoveryError) and "forward pass under `with dynamiclrp.record" in str(
-        err
-    )
+    return isinstance(
+        err, ValueRecoveryError
+    ) and "forward pass under `with dynamiclrp.record" in str(err)
 
 
 def run_case(prob: Problem, ks: Sequence[int], sample_i: int, label: str) -> Case:
@@ -445,8 +445,7 @@ def run_case(prob: Problem, ks: Sequence[int], sample_i: int, label: str) -> Cas
                 out, inputs, torch.ones_like(out), retain_graph=True, allow_unused=True
             )
             gxi = [
-                torch.zeros_like(x) if g is None else g * x
-                for g, x in zip(gx, inputs, strict=True)
+                torch.zeros_like(x) if g is None else g * x for g, x in zip(gx, inputs, strict=True)
             ]
             r0, _ = _explain(out, inputs, LRP0, rec)
             r0 = r0 if isinstance(r0, tuple) else (r0,)
@@ -627,7 +626,9 @@ def format_section(results: Sequence[OpResult], command: str) -> str:
     if na:
         lines += ["", "### Not applicable", ""]
         lines.append(
-            ", ".join(f"`{r.name}` ({r.note or (r.worst.detail[:60] if r.worst else '')})" for r in na)
+            ", ".join(
+                f"`{r.name}` ({r.note or (r.worst.detail[:60] if r.worst else '')})" for r in na
+            )
         )
     lines.append(END)
     return "\n".join(lines) + "\n"
@@ -680,7 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             w = r.worst
             if r.status in ("crash", "wrong") and w is not None:
                 extra = w.detail[:160]
-            print(f"{r.status:9s} {r.family:16s} {r.name:45s} {r.seconds:6.2f}s {extra}", flush=True)
+            print(
+                f"{r.status:9s} {r.family:16s} {r.name:45s} {r.seconds:6.2f}s {extra}", flush=True
+            )
 
     results = census(names, a.max_samples, progress)
     print_summary(results)
