@@ -48,12 +48,12 @@ EXPECTED_EXPLAINED = {
     "indexing": [
         "__getitem__", "gather", "index_select", "take", "masked_select", "select_scatter",
         "slice_scatter", "diagonal_scatter", "masked_scatter", "index_fill",
-        "nn.functional.embedding",
+        "nn.functional.embedding", "index_copy", "nn.functional.max_unpool2d.grad",
     ],
     "reduction": [
         "sum", "mean", "cumsum", "amax", "max.reduction_with_dim", "min.reduction_with_dim",
         "topk", "sort", "kthvalue", "median", "mode", "cummax", "var", "std_mean", "prod",
-        "norm", "nansum", "trace", "masked.norm", "masked.prod",
+        "norm", "nansum", "trace", "masked.norm", "masked.prod", "dist",
     ],
     "pooling": [
         "nn.functional.max_pool2d", "nn.functional.avg_pool2d",
@@ -73,6 +73,7 @@ EXPECTED_EXPLAINED = {
         "mm", "addmm", "addmv", "addr", "addbmm", "baddbmm", "bmm", "dot", "vdot", "matmul",
         "linalg.cross", "nn.functional.linear", "nn.functional.conv2d", "einsum",
     ],
+    "other": ["nn.functional.nll_loss", "nn.functional.cross_entropy", "nn.functional.l1_loss"],
 }  # fmt: skip
 # run too, not expected to be explained: a composite the recording cannot see (a specific
 # refusal, not a crash), and ops whose nodes have no rule

@@ -497,3 +497,32 @@ def test_census_dist_same_map_as_norm_of_difference(which: str, p: float, preset
     for a, b in zip(r_new, r_ref, strict=True):
         close(a, b)
     assert abs(rep.residual) < 1e-10
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_census_nll_loss_epsilon_by_hand(reduction: str, weighted: bool) -> None:
+    """``nll_loss`` is linear in ``x`` (coefficients ``-w_t`` or ``-w_t / sum w``): the epsilon
+    rule ``R_x = x * L^T(R / stab(z))`` written out per sample; LRP-0 == gradient x input."""
+    g = gen(44)
+    x = randn(g, 5, 4, grad=True)
+    t = torch.tensor([1, 0, 3, 3, 2])
+    w = torch.rand(4, generator=g, dtype=DT) + 0.5 if weighted else None
+    out = F.nll_loss(x, t, weight=w, reduction=reduction, ignore_index=0)
+    lrp0 = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
+    (gx,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    close(dynamiclrp.explain(out, x, rules=lrp0), gx * x.detach())
+    R = randn(g, *out.shape)
+    rules = dataclasses.replace(lrp0, eps=0.01)
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=rules)
+    wt = torch.ones(5, dtype=DT) if w is None else w[t]
+    wt = torch.where(t == 0, 0.0, wt)  # ignore_index=0
+    coef = -wt / wt.sum() if reduction == "mean" else -wt
+    xt = x.detach()[torch.arange(5), t]
+    expected = torch.zeros(5, 4, dtype=DT)
+    if reduction == "none":
+        expected[torch.arange(5), t] = xt * coef * R / stab(coef * xt, 0.01)
+    else:
+        z = (coef * xt).sum()
+        expected[torch.arange(5), t] = xt * coef * R / stab(z, 0.01)
+    close(rx, expected)

@@ -326,6 +326,23 @@ def _nansum(fn, x):
     return torch.nansum(x, list(dims), keepdim=saved(fn, "_saved_keepdim"))
 
 
+def _nll(op):
+    """``z = nll_loss(x, target, weight, reduction, ignore_index)``: ``-w_t x_t`` per sample
+    (summed, or divided by the total weight for ``mean``), linear in ``x`` with coefficients
+    ``<= 0``: the epsilon form :func:`signed_linear_map`."""
+
+    def forward(fn, x):
+        return op(
+            x,
+            saved(fn, "_saved_target"),
+            saved(fn, "_saved_weight"),
+            saved(fn, "_saved_reduction"),
+            saved(fn, "_saved_ignore_index"),
+        )
+
+    return forward
+
+
 def _norm_replay(c):
     x, p = c.inputs[0], _norm_order(c.fn)
     if not hasattr(c.fn, "_saved_dim"):
@@ -392,6 +409,16 @@ TABLE = {
         saved_inputs={0: "_saved_self", 1: "_saved_other"},
         saved_outputs={0: "_saved_result"},
         replay=lambda c: (torch.dist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
+    ),
+    "NllLossBackward0": _entry(
+        _nll(torch.ops.aten.nll_loss.default),
+        saved_self=True,
+        rule=signed_linear_map(_nll(torch.ops.aten.nll_loss.default)),
+    ),
+    "NllLoss2DBackward0": _entry(
+        _nll(torch.ops.aten.nll_loss2d.default),
+        saved_self=True,
+        rule=signed_linear_map(_nll(torch.ops.aten.nll_loss2d.default)),
     ),
 }
 for _name, (_op, _scales) in _UPSAMPLE.items():
