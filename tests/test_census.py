@@ -53,7 +53,8 @@ EXPECTED_EXPLAINED = {
     "reduction": [
         "sum", "mean", "cumsum", "amax", "max.reduction_with_dim", "min.reduction_with_dim",
         "topk", "sort", "kthvalue", "median", "mode", "cummax", "var", "std_mean", "prod",
-        "norm", "nansum", "trace", "masked.norm", "masked.prod", "dist",
+        "norm", "nansum", "trace", "masked.norm", "masked.prod", "dist", "cdist",
+        "nn.functional.pdist",
     ],
     "pooling": [
         "nn.functional.max_pool2d", "nn.functional.avg_pool2d",

@@ -542,3 +542,31 @@ def test_census_added_input_of_a_constant_product(op: str) -> None:
     assert abs(rep.residual) < 1e-10
     rb = dynamiclrp.explain(out, b, relevance=R, rules="dynamiclrp")
     close(rb, R * bb.abs() / (bb.abs() + prod.abs()))
+
+
+@pytest.mark.parametrize("op", ["addmv", "addr", "addbmm"])
+def test_census_frozen_bias_of_added_product_is_recorded(op: str) -> None:
+    """A bias that does not require grad: autograd keeps neither it nor the output, and the sum
+    below needs the output's value; ``record()`` keeps it, and the map equals the one with the
+    bias requiring grad (as a Parameter, recorded by autograd), up to where the shares go."""
+    g = gen(25)
+    x = randn(g, 2, 3, 4, grad=True)
+    w = torch.nn.Parameter(
+        randn(g, 2, 4, 5) if op == "addbmm" else randn(g, 3 if op == "addmv" else 5)
+    )
+    bias = {"addmv": randn(g, 3), "addr": randn(g, 4, 5), "addbmm": randn(g, 3, 5)}[op]
+
+    def f(b):
+        if op == "addmv":
+            return torch.addmv(b, x[0, :, :3].t(), w[:3] if w.dim() == 1 else w, beta=0.5)
+        if op == "addr":
+            return torch.addr(b, x[0, 0], w, alpha=2.0)
+        return torch.addbmm(b, x, w)
+
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="record"):
+        dynamiclrp.explain((f(bias) * 2.0).sum(), x)
+    with dynamiclrp.record() as rec:
+        out = (f(bias) * 2.0).sum()
+    rx = dynamiclrp.explain(out, x, recording=rec)
+    b_param = torch.nn.Parameter(bias.clone())
+    close(rx, dynamiclrp.explain((f(b_param) * 2.0).sum(), x))

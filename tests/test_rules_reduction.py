@@ -526,3 +526,37 @@ def test_census_nll_loss_epsilon_by_hand(reduction: str, weighted: bool) -> None
         z = (coef * xt).sum()
         expected[torch.arange(5), t] = xt * coef * R / stab(z, 0.01)
     close(rx, expected)
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon"])
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
+@pytest.mark.parametrize("which", ["both", "x1", "x2"])
+def test_census_cdist_same_map_as_norm_of_pair_differences(which: str, p: float, preset: str):
+    g = gen(45)
+    x1 = randn(g, 2, 3, 4, grad=which in ("both", "x1"))
+    x2 = randn(g, 1, 5, 4, grad=which in ("both", "x2"))  # broadcast over the batch
+    xs = [t for t in (x1, x2) if t.requires_grad]
+    out = torch.cdist(x1, x2, p, compute_mode="donot_use_mm_for_euclid_dist")
+    assert type(out.grad_fn).__name__ == "CdistBackward0"
+    R = randn(g, *out.shape)
+    r_new, rep = dynamiclrp.explain(out, xs, relevance=R, rules=preset, return_report=True)
+    ref = torch.linalg.vector_norm(x1[..., :, None, :] - x2[..., None, :, :], p, dim=-1)
+    r_ref = dynamiclrp.explain(ref, xs, relevance=R, rules=preset)
+    for a, b in zip(r_new, r_ref, strict=True):
+        close(a, b)
+    assert abs(rep.residual) < 1e-10
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon"])
+@pytest.mark.parametrize("p", [2.0, 1.0, float("inf")])
+def test_census_pdist_same_map_as_norm_of_pair_differences(p: float, preset: str) -> None:
+    g = gen(46)
+    x = randn(g, 4, 3, grad=True)
+    out = F.pdist(x, p)
+    assert type(out.grad_fn).__name__ == "PdistBackward0"
+    R = randn(g, *out.shape)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, rules=preset, return_report=True)
+    i, j = torch.triu_indices(4, 4, 1)
+    ref = torch.linalg.vector_norm(x[i] - x[j], p, dim=-1)
+    close(rx, dynamiclrp.explain(ref, x, relevance=R, rules=preset))
+    assert abs(rep.residual) < 1e-10

@@ -76,6 +76,16 @@ NEEDS_RECORDING = {
     "ConvolutionBackward0": _conv_bias_unrecorded,
     "NativeBatchNormBackward0": _norm_bias_unrecorded,
     "NativeGroupNormBackward0": _norm_bias_unrecorded,
+    # census (issue 14): the added products and batch-norm nodes like addmm's / native's above,
+    # and rsub with an unrecorded operand (recovered from its output)
+    "AddmvBackward0": lambda fn: fn.next_functions[0][0] is None,
+    "AddrBackward0": lambda fn: fn.next_functions[0][0] is None,
+    "AddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
+    "NativeBatchNormLegitBackward0": _norm_bias_unrecorded,
+    "NativeBatchNormLegitNoTrainingBackward0": _norm_bias_unrecorded,
+    "BatchNormWithUpdateBackward0": _norm_bias_unrecorded,
+    "BatchNormNoUpdateBackward0": _norm_bias_unrecorded,
+    "RsubBackward0": _has_unrecorded_input,
 }
 
 

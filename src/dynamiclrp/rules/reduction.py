@@ -239,6 +239,43 @@ def dist_rule(ctx: RuleContext):
     return outs
 
 
+def _difference_norm_shares(ctx: RuleContext, a: Tensor, b: Tensor, r: Tensor, p: float):
+    """Shares of ``a`` and ``b`` (broadcast to one shape ``(..., M)``) in ``R`` of
+    ``||a - b||_p`` over the last dimension: the p-norm rule on ``d = a - b``, then the add rule
+    over ``a`` and ``-b`` (``Rules.add``), in the broadcast shape."""
+    from types import SimpleNamespace
+
+    from .elementwise import split_sum
+
+    d = a - b
+    dims = [d.dim() - 1]
+    r_d = _split_by_weight(_norm_weights(d, p, dims), r, dims)
+    # split_sum reads only the relevance and eps of its context
+    return split_sum(SimpleNamespace(r=r_d, eps=ctx.eps), [a, -b], ctx.rules.add)
+
+
+def cdist_rule(ctx: RuleContext):
+    """``z_pr = ||x1_p - x2_r||_p`` (``cdist``): each pair as :func:`dist_rule`, the map of
+    ``vector_norm(x1[..., :, None, :] - x2[..., None, :, :], p, dim=-1)``."""
+    x1, x2 = ctx.input_value(0), ctx.input_value(1)
+    a, b = torch.broadcast_tensors(x1.unsqueeze(-2), x2.unsqueeze(-3))
+    ra, rb = _difference_norm_shares(ctx, a, b, ctx.r, _norm_order(ctx.fn))
+    outs = []
+    for slot, rel in ((0, ra.sum(-2)), (1, rb.sum(-3))):
+        unrecorded = ctx.fn.next_functions[slot][0] is None  # absorbs its share
+        outs.append(rel if unrecorded else sum_to_shape(rel, ctx.input_shape(slot)))
+    return outs
+
+
+def pdist_rule(ctx: RuleContext):
+    """``z_k = ||x_i - x_j||_p`` over the pairs ``i < j`` (``pdist``, row-major): each pair as
+    :func:`dist_rule`, the shares added back to the rows ``i`` and ``j``."""
+    x = ctx.input_value(0)
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    ra, rb = _difference_norm_shares(ctx, x[i], x[j], ctx.r, _norm_order(ctx.fn))
+    return (torch.zeros_like(x).index_add_(0, i, ra).index_add_(0, j, rb),)
+
+
 def _norm_order(fn) -> float:
     p = saved(fn, "_saved_ord") if hasattr(fn, "_saved_ord") else saved(fn, "_saved_p")
     return 2.0 if p is None else float(p)
@@ -409,6 +446,20 @@ TABLE = {
         saved_inputs={0: "_saved_self", 1: "_saved_other"},
         saved_outputs={0: "_saved_result"},
         replay=lambda c: (torch.dist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
+    ),
+    "CdistBackward0": OpEntry(
+        "reduction",
+        cdist_rule,
+        saved_inputs={0: "_saved_x1", 1: "_saved_x2"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.cdist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
+    ),
+    "PdistBackward0": OpEntry(
+        "reduction",
+        pdist_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.nn.functional.pdist(c.inputs[0], _norm_order(c.fn)),),
     ),
     "NllLossBackward0": _entry(
         _nll(torch.ops.aten.nll_loss.default),
