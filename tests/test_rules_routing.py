@@ -196,6 +196,9 @@ UNARY_ROUTES.update(
         ),
         "index_copy": lambda x: x.index_copy(1, torch.tensor([3, 0]), x[:, 1:3]),
         "put": lambda x: x.put(torch.tensor([5, 0, 11]), x[1, :3]),
+        "unsafe_masked_index": lambda x: torch.ops.aten._unsafe_masked_index(
+            x, MASK[:, :3], [IDX[:3, None], IDX2[:1, :1] + torch.tensor([[0, 1, 3]])], 0.5
+        ),
     }
 )
 

@@ -71,6 +71,7 @@ NEEDS_RECORDING = {
     "AsStridedBackward0_copy": lambda fn: True,
     # index_fill with a scalar: the fill value is not saved, no replay
     "IndexFillBackward0": lambda fn: True,
+    "UnsafeMaskedIndexBackward0": lambda fn: True,  # the fill value is not saved either
     "AddmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "BaddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "ConvolutionBackward0": _conv_bias_unrecorded,

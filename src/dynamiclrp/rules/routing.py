@@ -574,6 +574,9 @@ TABLE = {
     ),
     "FractionalMaxPool2DBackward0": _routing(_pooled_at(2), saved_inputs={0: "_saved_self"}),
     "FractionalMaxPool3DBackward0": _routing(_pooled_at(3), saved_inputs={0: "_saved_self"}),
+    # where(mask, x[indices], fill): each output element is an element of x or the fill value
+    # (not saved: no replay, record() keeps the result)
+    "UnsafeMaskedIndexBackward0": _routing(),
     # writes to indexed positions: routing when no two writes meet (else a specific refusal)
     "MaxUnpool2DBackward0": _unpool(2),
     "MaxUnpool3DBackward0": _unpool(3),
