@@ -467,7 +467,7 @@ def run_case(prob: Problem, ks: Sequence[int], sample_i: int, label: str) -> Cas
         case.detail = str(err)[:300]
     except ValueRecoveryError as err:
         case.kind = "refused"
-        case.blocking = _nodes_named(str(err))
+        case.blocking = tuple(f"{n} (value)" for n in _nodes_named(str(err)))
         case.detail = f"ValueRecoveryError: {str(err)[:300]}"
     except NonFiniteRelevanceError as err:
         case.kind, case.detail = "wrong", f"NonFiniteRelevanceError: {str(err)[:300]}"
@@ -603,7 +603,16 @@ def format_section(results: Sequence[OpResult], command: str) -> str:
         if sum(c.values()):
             lines.append(f"| {f} | " + " | ".join(str(c[k]) for k in cols) + " |")
     lines.append("| **all** | " + " | ".join(str(t[k]) for k in cols) + " |")
-    lines += ["", "### Refused OpInfos and the node types that block them", ""]
+    lines += [
+        "",
+        "### Refused OpInfos and the node types that block them",
+        "",
+        "A node type alone has no rule (`UncoveredOpError`, raised before propagation); one "
+        "marked *(value)* has a rule that needs a forward value nothing kept and "
+        "`dynamiclrp.record()` cannot keep either (`ValueRecoveryError`, e.g. a constant added "
+        "inside a C++ composite).",
+        "",
+    ]
     lines += ["| OpInfo | family | blocking nodes |", "|---|---|---|"]
     for r in sorted(results, key=lambda r: (r.family, r.name)):
         if r.status == "refused":

@@ -582,14 +582,19 @@ TABLE = {
     "MaxUnpool3DBackward0": _unpool(3),
     "IndexCopyBackward0": OpEntry(
         "routing",
-        _distinct_writes("source slices", lambda ctx: ctx.saved("_saved_index").flatten()),
+        _distinct_writes(
+            "source slices",  # a negative index counts from the end
+            lambda ctx: ctx.saved("_saved_index").flatten() % ctx.r.shape[ctx.saved("_saved_dim")],
+        ),
         saved_inputs={1: "_saved_source"},
         replay=_index_copy_replay,
     ),
     "PutBackward0": OpEntry(
         "routing",
         _distinct_writes(
-            "source elements", lambda ctx: ctx.saved("_saved_index").flatten(), "_saved_accumulate"
+            "source elements",
+            lambda ctx: ctx.saved("_saved_index").flatten() % ctx.r.numel(),
+            "_saved_accumulate",
         ),
         saved_inputs={1: "_saved_source"},
         replay=_put_replay,
