@@ -582,10 +582,7 @@ TABLE = {
     "MaxUnpool3DBackward0": _unpool(3),
     "IndexCopyBackward0": OpEntry(
         "routing",
-        _distinct_writes(
-            "source slices",  # a negative index counts from the end
-            lambda ctx: ctx.saved("_saved_index").flatten() % ctx.r.shape[ctx.saved("_saved_dim")],
-        ),
+        _distinct_writes("source slices", lambda ctx: ctx.saved("_saved_index").flatten()),
         saved_inputs={1: "_saved_source"},
         replay=_index_copy_replay,
     ),
