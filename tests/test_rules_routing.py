@@ -499,3 +499,40 @@ def test_census_writes_that_meet_are_refused(f) -> None:
     x = randn(gen(60), 3, 4, grad=True)
     with pytest.raises(dynamiclrp.UncoveredOpError, match="duplicate indices|accumulates"):
         dynamiclrp.explain(f(x), x)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x, c: torch.select_scatter(x, c[0], 0, 1),
+        lambda x, c: torch.slice_scatter(x, c[:, :2], 1, 1, 3),
+        lambda x, c: torch.diagonal_scatter(x, c[0, :3]),
+        lambda x, c: x.masked_scatter(MASK, c),
+        lambda x, c: x.index_fill(1, IDX[:2], c[0, 0]),
+        lambda x, c: torch.block_diag(x, c),
+    ],
+    ids=[
+        "select_scatter",
+        "slice_scatter",
+        "diagonal_scatter",
+        "masked_scatter",
+        "index_fill",
+        "block_diag",
+    ],
+)
+def test_census_constant_written_into_data_needs_and_takes_record(f) -> None:
+    """A constant written into ``x``: a consumer that needs the result's value cannot replay it
+    (the constant left no trace) and asks for ``record()``, which keeps it; the map then equals
+    the one where the constant is a recorded Parameter (its share absorbed either way)."""
+    g = gen(61)
+    x, c = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+
+    def explained(c, rec=None):
+        return dynamiclrp.explain((f(x, c) * 2.0).sum(), x, recording=rec)
+
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="dynamiclrp.record"):
+        explained(c)
+    with dynamiclrp.record() as rec:
+        out = (f(x, c) * 2.0).sum()
+    rx = dynamiclrp.explain(out, x, recording=rec)
+    close(rx, explained(torch.nn.Parameter(c.clone())))

@@ -87,6 +87,13 @@ NEEDS_RECORDING = {
     "BatchNormWithUpdateBackward0": _norm_bias_unrecorded,
     "BatchNormNoUpdateBackward0": _norm_bias_unrecorded,
     "RsubBackward0": _has_unrecorded_input,
+    # writes of a constant (a tensor that does not require grad) into x: no replay without it
+    "SelectScatterBackward0": _has_unrecorded_input,
+    "SliceScatterBackward0": _has_unrecorded_input,
+    "DiagonalScatterBackward0": _has_unrecorded_input,
+    "MaskedScatterBackward0": _has_unrecorded_input,
+    "IndexFillBackward1": _has_unrecorded_input,
+    "BlockDiagBackward0": _has_unrecorded_input,
 }
 
 
