@@ -309,6 +309,8 @@ def _constant_product(ctx: RuleContext) -> list[Tensor | None] | None:
     fn = ctx.fn
     if fn.next_functions[1][0] is not None or fn.next_functions[2][0] is not None:
         return None
+    if ctx.partner() is not None or ctx.bias_partner() is not None:
+        return None  # paired by the plan as a layer: contract() refuses, the factors are unknown
     from .elementwise import split_sum
 
     beta = getattr(fn, "_saved_beta", 1)
