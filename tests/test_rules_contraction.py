@@ -15,6 +15,8 @@ expected values are the textbook formulas:
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -384,3 +386,187 @@ def test_linear_is_explained_the_same_whatever_the_memory_layout(rules: str) -> 
     rb = dynamiclrp.explain(out_b.sum(1), b, target=0, rules=rules)
     torch.testing.assert_close(ra, rb, rtol=1e-12, atol=1e-14)
     assert abs(rep.residual) < 1e-12
+
+
+# --- census (issue 14): addmv, addr, addbmm, vdot, matmul of a vector, linalg.cross -------------
+
+LRP0 = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
+
+
+def grad_times_input(out: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradient x input of ``sum(out)`` (plain autograd): LRP-0 seeded with the output itself
+    equals it for a map linear (or affine, the bias absorbing its part) in ``xs``."""
+    gs = torch.autograd.grad(out.sum(), xs, retain_graph=True)
+    return [g * x for g, x in zip(gs, xs, strict=True)]
+
+
+def _census_operands(seed: int):
+    g = gen(seed)
+    return g, {
+        "x": randn(g, 4, grad=True),
+        "u": randn(g, 3, grad=True),
+        "A": randn(g, 2, 3, 4, grad=True),
+    }
+
+
+# name -> (new spelling, already-covered spelling), both f(data, params), params Parameters
+ADDED_PRODUCTS = {
+    "addmv": (
+        lambda d, p: torch.addmv(p["b3"], p["M"], d["x"], beta=0.5, alpha=2.0),
+        lambda d, p: torch.addmm(p["b3"][None], d["x"][None], p["M"].t(), beta=0.5, alpha=2.0)[0],
+    ),
+    "addr": (
+        lambda d, p: torch.addr(p["B34"], d["u"], p["v"], beta=1.5, alpha=-0.5),
+        lambda d, p: torch.addmm(p["B34"], d["u"][:, None], p["v"][None], beta=1.5, alpha=-0.5),
+    ),
+    "addbmm": (
+        lambda d, p: torch.addbmm(p["B35"], d["A"], p["W"], beta=0.5, alpha=2.0),
+        lambda d, p: torch.addmm(
+            p["B35"],
+            d["A"].permute(1, 0, 2).reshape(3, 8),
+            p["W"].reshape(8, 5),
+            beta=0.5,
+            alpha=2.0,
+        ),
+    ),
+    "vdot": (
+        lambda d, p: torch.vdot(d["x"], p["v4"]),
+        lambda d, p: torch.dot(d["x"], p["v4"]),
+    ),
+    "matmul_vector_matrix": (  # matmul squeezes its vector operand: SqueezeBackward4
+        lambda d, p: torch.matmul(d["x"], p["M"].t()),
+        lambda d, p: (d["x"][None] @ p["M"].t())[0],
+    ),
+}
+
+
+def _census_params(g):
+    def param(*shape):
+        return torch.nn.Parameter(randn(g, *shape))
+
+    return {
+        "M": param(3, 4),
+        "b3": param(3),
+        "v": param(4),
+        "v4": param(4),
+        "B34": param(3, 4),
+        "W": param(2, 4, 5),
+        "B35": param(3, 5),
+    }
+
+
+@pytest.mark.parametrize("name", list(ADDED_PRODUCTS))
+def test_census_contraction_lrp0_is_gradient_times_input(name: str) -> None:
+    g, d = _census_operands(20)
+    p = _census_params(g)
+    new, _ = ADDED_PRODUCTS[name]
+    out = new(d, p)
+    xs = [t for t in d.values() if t.grad_fn is None and _uses(new, d, p, t)]
+    rel, rep = dynamiclrp.explain(out, xs, rules=LRP0, return_report=True)
+    rel = rel if isinstance(rel, tuple) else (rel,)
+    for r, e in zip(rel, grad_times_input(out, xs), strict=True):
+        close(r, e, rtol=1e-8, atol=1e-10)
+    assert abs(rep.residual) < 1e-10
+
+
+def _uses(f, d, p, t) -> bool:
+    """Does ``f`` depend on ``t`` (the gradient of its sum is not None)?"""
+    out = f(d, p)
+    return torch.autograd.grad(out.sum(), t, allow_unused=True)[0] is not None
+
+
+@pytest.mark.parametrize("preset", list(dynamiclrp.PRESETS))
+@pytest.mark.parametrize("name", list(ADDED_PRODUCTS))
+def test_census_contraction_same_map_as_covered_spelling(name: str, preset: str) -> None:
+    g, d = _census_operands(21)
+    p = _census_params(g)
+    new, old = ADDED_PRODUCTS[name]
+    xs = [t for t in d.values() if _uses(new, d, p, t)]
+    seed = randn(gen(22), *new(d, p).shape)
+    r_new = dynamiclrp.explain(new(d, p), xs, relevance=seed, rules=preset)
+    r_old = dynamiclrp.explain(old(d, p), xs, relevance=seed, rules=preset)
+    for a, b in zip(r_new, r_old, strict=True):
+        close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_census_cross_product(dim: int) -> None:
+    """``linalg.cross(x, w)``, linear in ``x`` for a parameter ``w``: LRP-0 == gradient x input,
+    and the epsilon rule ``R_x = x * (w x g)``, ``g = R / stab(z)``, computed by hand."""
+    g = gen(23)
+    x = randn(g, 2, 3, grad=True)
+    w = torch.nn.Parameter(randn(g, 2, 3))
+    out = torch.linalg.cross(x, w, dim=dim)
+    close(dynamiclrp.explain(out, x, rules=LRP0), grad_times_input(out, [x])[0])
+    R = randn(g, 2, 3)
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=dataclasses.replace(LRP0, eps=EPS))
+    z = out.detach()
+    gz = R / stab(z, EPS)
+    wd = w.detach()
+    # w x g, written out: (w_1 g_2 - w_2 g_1, w_2 g_0 - w_0 g_2, w_0 g_1 - w_1 g_0)
+    wxg = torch.stack(
+        [
+            wd[:, 1] * gz[:, 2] - wd[:, 2] * gz[:, 1],
+            wd[:, 2] * gz[:, 0] - wd[:, 0] * gz[:, 2],
+            wd[:, 0] * gz[:, 1] - wd[:, 1] * gz[:, 0],
+        ],
+        1,
+    )
+    close(rx, x.detach() * wxg)
+
+
+@pytest.mark.parametrize("op", ["addmm", "addmv", "baddbmm"])
+def test_census_added_input_of_a_constant_product(op: str) -> None:
+    """Only the added input requires grad: the factors were not recorded, so the product is a
+    constant ``P = z - beta * input`` added to it, split by the add rule: signed,
+    ``R_b = R * beta b / stab(z)``; proportional, ``R * |beta b| / (|beta b| + |P|)``."""
+    g = gen(24)
+    beta = 0.5
+    if op == "addmm":
+        b, m1, m2 = randn(g, 3, 4, grad=True), randn(g, 3, 2), randn(g, 2, 4)
+        out = torch.addmm(b, m1, m2, beta=beta)
+        prod = m1 @ m2
+    elif op == "addmv":
+        b, m1, m2 = randn(g, 3, grad=True), randn(g, 3, 2), randn(g, 2)
+        out = torch.addmv(b, m1, m2, beta=beta)
+        prod = m1 @ m2
+    else:
+        b, m1, m2 = randn(g, 2, 3, 4, grad=True), randn(g, 2, 3, 2), randn(g, 2, 2, 4)
+        out = torch.baddbmm(b, m1, m2, beta=beta)
+        prod = m1 @ m2
+    R = randn(g, *out.shape)
+    bb = beta * b.detach()
+    signed = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=EPS)
+    rb, rep = dynamiclrp.explain(out, b, relevance=R, rules=signed, return_report=True)
+    close(rb, R * bb / stab(bb + prod, EPS))
+    assert abs(rep.residual) < 1e-10
+    rb = dynamiclrp.explain(out, b, relevance=R, rules="dynamiclrp")
+    close(rb, R * bb.abs() / (bb.abs() + prod.abs()))
+
+
+@pytest.mark.parametrize("op", ["addmv", "addr", "addbmm"])
+def test_census_frozen_bias_of_added_product_is_recorded(op: str) -> None:
+    """A bias that does not require grad: autograd keeps neither it nor the output, and the sum
+    below needs the output's value; ``record()`` keeps it, and the map equals the one with the
+    bias requiring grad (as a Parameter, recorded by autograd), up to where the shares go."""
+    g = gen(25)
+    x = randn(g, 2, 3, 4, grad=True)
+    w = torch.nn.Parameter(
+        randn(g, 2, 4, 5) if op == "addbmm" else randn(g, 3 if op == "addmv" else 5)
+    )
+    bias = {"addmv": randn(g, 3), "addr": randn(g, 4, 5), "addbmm": randn(g, 3, 5)}[op]
+
+    def f(b):
+        if op == "addmv":
+            return torch.addmv(b, x[0, :, :3].t(), w[:3] if w.dim() == 1 else w, beta=0.5)
+        if op == "addr":
+            return torch.addr(b, x[0, 0], w, alpha=2.0)
+        return torch.addbmm(b, x, w)
+
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="record"):
+        dynamiclrp.explain((f(bias) * 2.0).sum(), x)
+    with dynamiclrp.record() as rec:
+        out = (f(bias) * 2.0).sum()
+    rx = dynamiclrp.explain(out, x, recording=rec)
+    b_param = torch.nn.Parameter(bias.clone())
+    close(rx, dynamiclrp.explain((f(b_param) * 2.0).sum(), x))

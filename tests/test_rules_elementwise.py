@@ -610,3 +610,50 @@ def test_xlogy_of_two_tensors_equals_its_written_out_product() -> None:
         [x, y],
         R,
     )
+
+
+# --- census (issue 14): rsub with a tensor; composites the recording cannot see --------------
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon"])
+@pytest.mark.parametrize("which", ["both", "x", "y"])
+def test_census_rsub_same_map_as_sub(which: str, preset: str) -> None:
+    """``torch.rsub(x, y, alpha)`` is ``y - alpha * x``: the map of ``torch.sub(y, x, alpha)``,
+    whichever operands are data (an unrecorded one is recovered from the output)."""
+    g = gen(50)
+    x = randn(g, 3, 4, grad=which in ("both", "x"))
+    y = randn(g, 3, 4, grad=which in ("both", "y"))
+    xs = [t for t in (x, y) if t.requires_grad]
+    out = torch.rsub(x, y, alpha=2.0)
+    assert type(out.grad_fn).__name__ == "RsubBackward0"
+    R = randn(g, 3, 4)
+    r_new, rep = dynamiclrp.explain(out, xs, relevance=R, rules=preset, return_report=True)
+    r_ref = dynamiclrp.explain(torch.sub(y, x, alpha=2.0), xs, relevance=R, rules=preset)
+    for a, b in zip(r_new, r_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert abs(rep.residual) < 1e-10
+
+
+def test_census_rsub_signed_by_hand() -> None:
+    g = gen(51)
+    x, y = randn(g, 5, grad=True), randn(g, 5, grad=True)
+    R = randn(g, 5)
+    rules = dynamiclrp.Rules(eps=0.01, add="signed")
+    rx, ry = dynamiclrp.explain(torch.rsub(x, y, alpha=0.5), [x, y], relevance=R, rules=rules)
+    t0, t1 = -0.5 * x.detach(), y.detach()
+    z = stab(t0 + t1, 0.01)
+    torch.testing.assert_close(rx, R * t0 / z)
+    torch.testing.assert_close(ry, R * t1 / z)
+
+
+def test_census_composite_add_under_record_is_a_specific_refusal() -> None:
+    """``F.margin_ranking_loss`` subtracts a constant inside C++: the recording cannot see it, so
+    the error must not ask for ``record()`` again but say why it cannot help."""
+    g = gen(52)
+    x1, x2, t = randn(g, 4, grad=True), randn(g, 4), randn(g, 4).sign()
+    with dynamiclrp.record() as rec:
+        out = F.margin_ranking_loss(x1, x2, t, margin=0.1, reduction="sum")
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="did not see it either") as err:
+        dynamiclrp.explain(out, x1, recording=rec)
+    assert "forward pass under `with dynamiclrp.record" not in str(err.value)
+    assert "SubBackward0" in str(err.value)

@@ -14,6 +14,8 @@ The epsilon rule: ``R_x = x * J^T (R / stab(y))`` with ``y`` the full output, an
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -357,3 +359,77 @@ def test_weight_norm_passes_relevance_to_the_direction() -> None:
     torch.testing.assert_close(rx, x.detach() * (g_z @ wd))
     torch.testing.assert_close(rv, wd * (g_z.t() @ x.detach()))  # R_w, passed on unchanged
     assert dynamiclrp.coverage(z).uncovered == []
+
+
+# --- census (issue 14): the other batch-norm nodes, layer norm with a data weight ------------
+
+aten = torch.ops.aten
+
+
+def _bn_case(seed: int):
+    g = gen(seed)
+    x = randn(g, 3, 4, 2, 2, grad=True)
+    w, b = torch.nn.Parameter(randn(g, 4)), torch.nn.Parameter(randn(g, 4))
+    rm, rv = randn(g, 4), randn(g, 4).abs() + 0.5
+    return g, x, w, b, rm, rv
+
+
+BN_SPELLINGS = {  # name -> (new node's spelling, NativeBatchNormBackward0's), training flag
+    "legit_train": (
+        lambda x, w, b, rm, rv: aten._native_batch_norm_legit(x, w, b, rm, rv, True, 0.1, 1e-5),
+        True,
+    ),
+    "legit_eval": (
+        lambda x, w, b, rm, rv: aten._native_batch_norm_legit(x, w, b, rm, rv, False, 0.1, 1e-5),
+        False,
+    ),
+    "legit_no_training": (
+        lambda x, w, b, rm, rv: aten._native_batch_norm_legit_no_training(
+            x, w, b, rm, rv, 0.1, 1e-5
+        ),
+        False,
+    ),
+    "with_update": (
+        lambda x, w, b, rm, rv: aten._batch_norm_with_update(x, w, b, rm, rv, 0.1, 1e-5),
+        True,
+    ),
+    "no_update": (
+        lambda x, w, b, rm, rv: aten._batch_norm_no_update(x, w, b, rm, rv, 0.1, 1e-5),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon", "zennit-epsilon-plus"])
+@pytest.mark.parametrize("name", list(BN_SPELLINGS))
+def test_census_batch_norm_nodes_same_map_as_native(name: str, preset: str) -> None:
+    g, x, w, b, rm, rv = _bn_case(30)
+    f, training = BN_SPELLINGS[name]
+    out = f(x, w, b, rm.clone(), rv.clone())[0]
+    ref = aten.native_batch_norm(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5)[0]
+    assert type(out.grad_fn).__name__ != "NativeBatchNormBackward0"
+    close(out, ref)  # the same function
+    R = randn(g, *out.shape)
+    r_new, rep = dynamiclrp.explain(out, x, relevance=R, rules=preset, return_report=True)
+    r_ref = dynamiclrp.explain(ref, x, relevance=R, rules=preset)
+    close(r_new, r_ref, rtol=1e-9, atol=1e-12)
+    assert abs(rep.residual) < 1e-10
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_census_layer_norm_weight_is_data_input_constant(bias: bool) -> None:
+    """``x`` constant, weight data: ``y = xhat * w + b`` is linear in ``w``; LRP-0 seeded with
+    ``y`` is gradient x input ``xhat * w`` summed over the rows (it gave ``w`` nothing before),
+    and the epsilon rule is ``R_w = sum_rows xhat * w * R / stab(y)``."""
+    g = gen(31)
+    x = randn(g, 3, 5)
+    w = randn(g, 5, grad=True)
+    b = randn(g, 5) if bias else None
+    out = F.layer_norm(x, (5,), w, b)
+    xhat = F.layer_norm(x, (5,))
+    lrp0 = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
+    close(dynamiclrp.explain(out, w, rules=lrp0), (xhat * w.detach()).sum(0))
+    R = randn(g, 3, 5)
+    rw, rep = dynamiclrp.explain(out, w, relevance=R, rules=RULES, return_report=True)
+    close(rw, (xhat * w.detach() * R / stab(out.detach(), RULES.eps)).sum(0))
+    assert abs(rep.residual) < 1e-10

@@ -11,6 +11,7 @@ The rules of the module docstring then read:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -438,3 +439,177 @@ def test_cumprod_value_is_replayed_for_a_downstream_add():
     r_z = R * z.abs() / (z.abs() + b.detach().abs())
     expected = dynamiclrp.explain(torch.cumprod(x, 1), x, relevance=r_z)
     close(rx, expected)
+
+
+# --- census (issue 14): trace, nansum, torch.norm nodes, 0-d groups --------------------------
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon", "zplus"])
+@pytest.mark.parametrize(
+    "name",
+    ["trace", "nansum_all", "nansum_dim", "norm_p3_dim", "norm_all", "norm_fro_dims", "norm_inf"],
+)
+def test_census_reduction_same_map_as_covered_spelling(name: str, preset: str) -> None:
+    """Each new node gives the map of the already-covered spelling of the same function."""
+    f, g_ = {
+        "trace": (torch.trace, lambda x: x.diagonal().sum()),
+        "nansum_all": (torch.nansum, torch.sum),
+        "nansum_dim": (
+            lambda x: torch.nansum(x, 1, keepdim=True),
+            lambda x: x.sum(1, keepdim=True),
+        ),
+        "norm_p3_dim": (
+            lambda x: torch.ops.aten.norm.ScalarOpt_dim(x, 3, [1]),
+            lambda x: torch.linalg.vector_norm(x, 3, dim=1),
+        ),
+        "norm_all": (lambda x: torch.ops.aten.norm.Scalar(x, 2), torch.linalg.vector_norm),
+        "norm_fro_dims": (
+            lambda x: torch.ops.aten.norm.ScalarOpt_dim_dtype(x, 2, [0, 1], False, dtype=DT),
+            lambda x: torch.linalg.vector_norm(x, 2, dim=(0, 1)),
+        ),
+        "norm_inf": (
+            lambda x: torch.ops.aten.norm.ScalarOpt_dim(x, float("inf"), [0], True),
+            lambda x: torch.linalg.vector_norm(x, float("inf"), dim=0, keepdim=True),
+        ),
+    }[name]
+    g = gen(40)
+    x = randn(g, 3, 4, grad=True)
+    R = randn(g, *f(x).shape)
+    r_new, rep = dynamiclrp.explain(f(x), x, relevance=R, rules=preset, return_report=True)
+    r_old = dynamiclrp.explain(g_(x), x, relevance=R, rules=preset)
+    close(r_new, r_old)
+    assert abs(rep.residual) < 1e-10
+
+
+def test_census_trace_and_norm_node_types() -> None:
+    """The spellings above reach the new nodes (else the test compares a map with itself;
+    ``torch.norm`` itself now dispatches to ``linalg.vector_norm`` in Python: the OpInfo census
+    reaches ``aten::norm`` through its ``norm`` samples)."""
+    x = randn(gen(41), 3, 4, grad=True)
+    names = {
+        type(torch.trace(x).grad_fn).__name__,
+        type(torch.nansum(x).grad_fn).__name__,
+        type(torch.ops.aten.norm.ScalarOpt_dim(x, 3, [1]).grad_fn).__name__,
+        type(torch.ops.aten.norm.Scalar(x, 3).grad_fn).__name__,
+        type(
+            torch.ops.aten.norm.ScalarOpt_dim_dtype(x, 2, [0, 1], False, dtype=DT).grad_fn
+        ).__name__,
+    }
+    assert names == {
+        "TraceBackward0",
+        "NansumBackward0",
+        "NormBackward1",
+        "NormBackward0",
+        "NormBackward3",
+    }
+
+
+def test_census_trace_lrp0_by_hand() -> None:
+    """``z = sum_i x_ii``: LRP-0 gives each diagonal element ``R x_ii / z``, the rest nothing."""
+    x = randn(gen(42), 4, 4, grad=True)
+    rules = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
+    rx = dynamiclrp.explain(torch.trace(x), x, relevance=torch.tensor(2.0, dtype=DT), rules=rules)
+    xd = x.detach()
+    close(rx, torch.diag(2.0 * xd.diagonal() / xd.diagonal().sum()))
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: torch.prod(x, 0),
+        lambda x: torch.linalg.vector_norm(x, 2, dim=0),
+        lambda x: torch.linalg.vector_norm(x, 3, dim=-1, keepdim=True),
+        lambda x: torch.var(x, dim=0, correction=0) + x,
+    ],
+)
+def test_census_zero_dim_groups(f) -> None:
+    """A reduction along dim 0 of a 0-d tensor is a group of one: it takes all of ``R``
+    (masked.norm / masked.prod on 0-d inputs divided by zero before)."""
+    x = torch.tensor(-1.5, dtype=DT, requires_grad=True)
+    out = f(x)
+    rx, rep = dynamiclrp.explain(out, x, relevance=torch.tensor(0.75, dtype=DT), return_report=True)
+    assert torch.isfinite(rx)
+    assert abs(rep.residual) < 1e-12
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon"])
+@pytest.mark.parametrize("p", [2.0, 3.0, 1.0, float("inf")])
+@pytest.mark.parametrize("which", ["both", "x", "y_broadcast"])
+def test_census_dist_same_map_as_norm_of_difference(which: str, p: float, preset: str) -> None:
+    """``torch.dist(x, y, p)`` (``DistBackward0``) gives the map of ``vector_norm(x - y, p)``."""
+    g = gen(43)
+    x = randn(g, 3, 4, grad=which in ("both", "x"))
+    y = randn(g, 3, 4, grad=which == "both") if which != "y_broadcast" else randn(g, 4, grad=True)
+    xs = [t for t in (x, y) if t.requires_grad]
+    out = torch.dist(x, y, p)
+    assert type(out.grad_fn).__name__ == "DistBackward0"
+    R = torch.tensor(0.7, dtype=DT)
+    r_new, rep = dynamiclrp.explain(out, xs, relevance=R, rules=preset, return_report=True)
+    ref = torch.linalg.vector_norm(x - y, p)
+    r_ref = dynamiclrp.explain(ref, xs, relevance=R, rules=preset)
+    for a, b in zip(r_new, r_ref, strict=True):
+        close(a, b)
+    assert abs(rep.residual) < 1e-10
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_census_nll_loss_epsilon_by_hand(reduction: str, weighted: bool) -> None:
+    """``nll_loss`` is linear in ``x`` (coefficients ``-w_t`` or ``-w_t / sum w``): the epsilon
+    rule ``R_x = x * L^T(R / stab(z))`` written out per sample; LRP-0 == gradient x input."""
+    g = gen(44)
+    x = randn(g, 5, 4, grad=True)
+    t = torch.tensor([1, 0, 3, 3, 2])
+    w = torch.rand(4, generator=g, dtype=DT) + 0.5 if weighted else None
+    out = F.nll_loss(x, t, weight=w, reduction=reduction, ignore_index=0)
+    lrp0 = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
+    (gx,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    close(dynamiclrp.explain(out, x, rules=lrp0), gx * x.detach())
+    R = randn(g, *out.shape)
+    rules = dataclasses.replace(lrp0, eps=0.01)
+    rx = dynamiclrp.explain(out, x, relevance=R, rules=rules)
+    wt = torch.ones(5, dtype=DT) if w is None else w[t]
+    wt = torch.where(t == 0, 0.0, wt)  # ignore_index=0
+    coef = -wt / wt.sum() if reduction == "mean" else -wt
+    xt = x.detach()[torch.arange(5), t]
+    expected = torch.zeros(5, 4, dtype=DT)
+    if reduction == "none":
+        expected[torch.arange(5), t] = xt * coef * R / stab(coef * xt, 0.01)
+    else:
+        z = (coef * xt).sum()
+        expected[torch.arange(5), t] = xt * coef * R / stab(z, 0.01)
+    close(rx, expected)
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon"])
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
+@pytest.mark.parametrize("which", ["both", "x1", "x2"])
+def test_census_cdist_same_map_as_norm_of_pair_differences(which: str, p: float, preset: str):
+    g = gen(45)
+    x1 = randn(g, 2, 3, 4, grad=which in ("both", "x1"))
+    x2 = randn(g, 1, 5, 4, grad=which in ("both", "x2"))  # broadcast over the batch
+    xs = [t for t in (x1, x2) if t.requires_grad]
+    out = torch.cdist(x1, x2, p, compute_mode="donot_use_mm_for_euclid_dist")
+    assert type(out.grad_fn).__name__ == "CdistBackward0"
+    R = randn(g, *out.shape)
+    r_new, rep = dynamiclrp.explain(out, xs, relevance=R, rules=preset, return_report=True)
+    ref = torch.linalg.vector_norm(x1[..., :, None, :] - x2[..., None, :, :], p, dim=-1)
+    r_ref = dynamiclrp.explain(ref, xs, relevance=R, rules=preset)
+    for a, b in zip(r_new, r_ref, strict=True):
+        close(a, b)
+    assert abs(rep.residual) < 1e-10
+
+
+@pytest.mark.parametrize("preset", ["dynamiclrp", "epsilon"])
+@pytest.mark.parametrize("p", [2.0, 1.0, float("inf")])
+def test_census_pdist_same_map_as_norm_of_pair_differences(p: float, preset: str) -> None:
+    g = gen(46)
+    x = randn(g, 4, 3, grad=True)
+    out = F.pdist(x, p)
+    assert type(out.grad_fn).__name__ == "PdistBackward0"
+    R = randn(g, *out.shape)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, rules=preset, return_report=True)
+    i, j = torch.triu_indices(4, 4, 1)
+    ref = torch.linalg.vector_norm(x[i] - x[j], p, dim=-1)
+    close(rx, dynamiclrp.explain(ref, x, relevance=R, rules=preset))
+    assert abs(rep.residual) < 1e-10

@@ -114,6 +114,94 @@ def _copy_slices_step(x):
 UNARY_ROUTES["copy_slices_zero"] = _copy_slices_zero
 UNARY_ROUTES["copy_slices_step"] = _copy_slices_step
 
+# census (issue 14): node types added from the OpInfo census
+# distinct flat indices (3 planes of 8 and of 4 x 4): non-overlapping max pooling's
+UNPOOL_IDX = torch.tensor([[[1, 2, 5, 7], [0, 3, 4, 6], [1, 3, 5, 6]]])
+SCATTER_MASK = torch.tensor([[True, False, True, False], [False] * 4, [True, True, False, True]])
+UNARY_ROUTES.update(
+    {
+        "view_copy": lambda x: torch.view_copy(x, (2, 6)),
+        "permute_copy": lambda x: torch.permute_copy(x.unsqueeze(0), (2, 0, 1)),
+        "transpose_copy": lambda x: torch.transpose_copy(x, 0, 1),
+        "t_copy": lambda x: torch.t_copy(x),
+        "squeeze_copy_dim": lambda x: torch.squeeze_copy(x.unsqueeze(1), 1),
+        "squeeze_copy_dims": lambda x: torch.squeeze_copy(x.unsqueeze(1), (1,)),
+        "squeeze_copy_all": lambda x: torch.squeeze_copy(x[:1].unsqueeze(-1)),
+        "unsqueeze_copy": lambda x: torch.unsqueeze_copy(x, 1),
+        "expand_copy": lambda x: torch.expand_copy(x[:, :1], (3, 5)),
+        "diagonal_copy": lambda x: torch.diagonal_copy(x, 1),
+        "alias_copy": lambda x: torch.alias_copy(x),
+        "unbind_copy_piece": lambda x: torch.unbind_copy(x, 1)[2],
+        "unfold_copy": lambda x: torch.unfold_copy(x, 1, 2, 1),
+        "split_with_sizes_copy_piece": lambda x: torch.split_with_sizes_copy(x, [1, 3], 1)[1],
+        "narrow_copy": lambda x: x.narrow_copy(1, 1, 2),
+        "squeeze_in_place_dim": lambda x: x.unsqueeze(1).clone().squeeze_(1),
+        "squeeze_in_place_all": lambda x: x[:1].unsqueeze(-1).clone().squeeze_(),
+        "copy_into_broadcast": lambda x: torch.zeros(2, 3, 4, dtype=DT).copy_(x),
+        "zero_": lambda x: (x * 1).zero_(),
+        "rot90": lambda x: torch.rot90(x, 1, (0, 1)),
+        "rot90_k3": lambda x: torch.rot90(x, -1, (1, 0)),
+        "diag_embed": lambda x: torch.diag_embed(x, 1),
+        "block_diag": lambda x: torch.block_diag(x, x[:2, 1:]),
+        "masked_select": lambda x: torch.masked_select(x, MASK),
+        "take": lambda x: torch.take(x, IDX2),
+        "select_scatter": lambda x: torch.select_scatter(x, x[2], 0, 1),
+        "slice_scatter": lambda x: torch.slice_scatter(x, x[:, :2], 1, 2, 4),
+        "diagonal_scatter": lambda x: torch.diagonal_scatter(x, x[0, :3], 0),
+        "masked_scatter": lambda x: x.masked_scatter(SCATTER_MASK, x.flip(0)),
+        "reflection_pad1d": lambda x: F.pad(x.unsqueeze(0), (2, 1), mode="reflect"),
+        "reflection_pad2d": lambda x: F.pad(x.unsqueeze(0), (1, 2, 2, 1), mode="reflect"),
+        "reflection_pad3d": lambda x: F.pad(
+            x.reshape(1, 1, 3, 2, 2), (1, 1, 1, 0, 2, 1), "reflect"
+        ),
+        "replication_pad1d": lambda x: F.pad(x.unsqueeze(0), (3, 1), mode="replicate"),
+        "replication_pad2d": lambda x: F.pad(x.unsqueeze(0), (1, 3, 4, 1), mode="replicate"),
+        "replication_pad3d": lambda x: F.pad(
+            x.reshape(1, 1, 3, 2, 2), (2, 1, 0, 1, 3, 1), "replicate"
+        ),
+        "pixel_shuffle": lambda x: F.pixel_shuffle(x.reshape(1, 4, 1, 3), 2),
+        "pixel_unshuffle": lambda x: F.pixel_unshuffle(x.reshape(1, 1, 2, 6), 2),
+        "channel_shuffle": lambda x: F.channel_shuffle(x.reshape(1, 4, 3), 2),
+        "min_dim": lambda x: x.min(1).values,
+        "min_dim_keepdim": lambda x: x.min(0, keepdim=True).values,
+        "sort_descending": lambda x: x.sort(1, descending=True).values,
+        "sort_stable": lambda x: torch.sort(x, dim=0, stable=True).values,
+        "topk": lambda x: x.topk(2, 1).values,
+        "topk_smallest_unsorted": lambda x: x.topk(2, 0, largest=False, sorted=False).values,
+        "kthvalue": lambda x: x.kthvalue(2, 1).values,
+        "kthvalue_keepdim": lambda x: x.kthvalue(3, 0, keepdim=True).values,
+        "median_dim": lambda x: x.median(1).values,
+        "median_all": lambda x: x.median(),
+        "nanmedian_dim": lambda x: x.nanmedian(0, keepdim=True).values,
+        "nanmedian_all": lambda x: x.nanmedian(),
+        "mode": lambda x: torch.cat([x, x[:, :1]], 1).mode(1).values,
+        "cummax": lambda x: x.cummax(1).values,
+        "cummin": lambda x: x.cummin(0).values,
+        "aminmax_min": lambda x: torch.aminmax(x, dim=1).min,
+        "aminmax_max": lambda x: torch.aminmax(x, dim=0, keepdim=True).max,
+        "maximum": lambda x: torch.maximum(x, x.flip(1)),
+        "minimum": lambda x: torch.minimum(x, x.flip(1)),
+        "fmax": lambda x: torch.fmax(x, x.roll(1, 0)),
+        "fmin": lambda x: torch.fmin(x, x.roll(1, 1)),
+        "clamp_min_tensor": lambda x: torch.clamp_min(x, x.flip(1)),
+        "clamp_max_tensor": lambda x: torch.clamp_max(x, x.flip(1).roll(1, 0)),
+        "masked_fill_value_tensor": lambda x: x.masked_fill(MASK, x[0, 0]),
+        "index_fill": lambda x: x.index_fill(1, IDX[:2], 0.5),
+        "index_fill_value_tensor": lambda x: x.index_fill(0, IDX[1:3], x[1, 2]),
+        "as_strided_copy": lambda x: torch.as_strided_copy(x, (3, 3), (1, 2)),
+        "adaptive_max_pool3d": lambda x: F.adaptive_max_pool3d(x.reshape(1, 1, 3, 2, 2), (2, 1, 2)),
+        "max_unpool1d": lambda x: F.max_unpool1d(x.unsqueeze(0), UNPOOL_IDX, 2),
+        "max_unpool2d": lambda x: F.max_unpool2d(
+            x.reshape(1, 3, 2, 2), UNPOOL_IDX.view(1, 3, 2, 2), 2
+        ),
+        "index_copy": lambda x: x.index_copy(1, torch.tensor([3, 0]), x[:, 1:3]),
+        "put": lambda x: x.put(torch.tensor([5, 0, 11]), x[1, :3]),
+        "unsafe_masked_index": lambda x: torch.ops.aten._unsafe_masked_index(
+            x, MASK[:, :3], [IDX[:3, None], IDX2[:1, :1] + torch.tensor([[0, 1, 3]])], 0.5
+        ),
+    }
+)
+
 
 def _route_case(name: str, seed: int = 0):
     g = gen(seed)
@@ -386,3 +474,65 @@ def test_rearranging_ops_keep_the_books_and_name_the_first_bad_op(name: str) -> 
     z = REARRANGING[name](x32 @ torch.zeros(4, 4))
     with pytest.raises(dynamiclrp.NonFiniteRelevanceError, match="at (Mm|Bmm)Backward0"):
         dynamiclrp.explain(z, x32, relevance=torch.full_like(z, 1e37))
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: F.max_unpool1d(x.unsqueeze(0), torch.zeros(1, 3, 4, dtype=torch.long), 2),
+        lambda x: x.index_copy(1, torch.tensor([1, 1]), x[:, 2:]),
+        lambda x: x.put(torch.tensor([4, 4]), x[0, :2]),
+        lambda x: x.put(torch.tensor([-1, 11]), x[0, :2]),
+        lambda x: x.put(torch.tensor([4, 5]), x[0, :2], accumulate=True),
+    ],
+    ids=[
+        "unpool_duplicates",
+        "index_copy_duplicates",
+        "put_duplicates",
+        "put_negative_duplicates",
+        "put_accumulate",
+    ],
+)
+def test_census_writes_that_meet_are_refused(f) -> None:
+    """Duplicate indices: the gradient reaches every writer though only the last write is kept,
+    so routing like it would duplicate relevance; accumulating is a sum.  Both refused."""
+    x = randn(gen(60), 3, 4, grad=True)
+    with pytest.raises(dynamiclrp.UncoveredOpError, match="duplicate indices|accumulates"):
+        dynamiclrp.explain(f(x), x)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x, c: torch.select_scatter(x, c[0], 0, 1),
+        lambda x, c: torch.slice_scatter(x, c[:, :2], 1, 1, 3),
+        lambda x, c: torch.diagonal_scatter(x, c[0, :3]),
+        lambda x, c: x.masked_scatter(MASK, c),
+        lambda x, c: x.index_fill(1, IDX[:2], c[0, 0]),
+        lambda x, c: torch.block_diag(x, c),
+    ],
+    ids=[
+        "select_scatter",
+        "slice_scatter",
+        "diagonal_scatter",
+        "masked_scatter",
+        "index_fill",
+        "block_diag",
+    ],
+)
+def test_census_constant_written_into_data_needs_and_takes_record(f) -> None:
+    """A constant written into ``x``: a consumer that needs the result's value cannot replay it
+    (the constant left no trace) and asks for ``record()``, which keeps it; the map then equals
+    the one where the constant is a recorded Parameter (its share absorbed either way)."""
+    g = gen(61)
+    x, c = randn(g, 3, 4, grad=True), randn(g, 3, 4)
+
+    def explained(c, rec=None):
+        return dynamiclrp.explain((f(x, c) * 2.0).sum(), x, recording=rec)
+
+    with pytest.raises(dynamiclrp.ValueRecoveryError, match="dynamiclrp.record"):
+        explained(c)
+    with dynamiclrp.record() as rec:
+        out = (f(x, c) * 2.0).sum()
+    rx = dynamiclrp.explain(out, x, recording=rec)
+    close(rx, explained(torch.nn.Parameter(c.clone())))

@@ -471,6 +471,13 @@ def cmd_coverage_table(args: argparse.Namespace) -> int:
 
     text = coverage_table()
     if args.out:
+        from pathlib import Path
+
+        from .zoo import ZOO_TABLE_END
+
+        old = Path(args.out).read_text() if Path(args.out).exists() else ""
+        if ZOO_TABLE_END in old:  # keep the census and record() sections other scripts write
+            text = text + old.split(ZOO_TABLE_END, 1)[1].lstrip("\n")
         with open(args.out, "w") as f:
             f.write(text)
     else:

@@ -85,11 +85,32 @@ NEEDS_RECORDING = {
     "CopySlices": lambda fn: True,
     # as_strided: autograd does not expose the input's geometry, so no replay is safe
     "AsStridedBackward0": lambda fn: True,
+    "AsStridedBackward0_copy": lambda fn: True,
+    # index_fill with a scalar: the fill value is not saved, no replay
+    "IndexFillBackward0": lambda fn: True,
+    "UnsafeMaskedIndexBackward0": lambda fn: True,  # the fill value is not saved either
     "AddmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "BaddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
     "ConvolutionBackward0": _conv_bias_unrecorded,
     "NativeBatchNormBackward0": _norm_bias_unrecorded,
     "NativeGroupNormBackward0": _norm_bias_unrecorded,
+    # census (issue 14): the added products and batch-norm nodes like addmm's / native's above,
+    # and rsub with an unrecorded operand (recovered from its output)
+    "AddmvBackward0": lambda fn: fn.next_functions[0][0] is None,
+    "AddrBackward0": lambda fn: fn.next_functions[0][0] is None,
+    "AddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
+    "NativeBatchNormLegitBackward0": _norm_bias_unrecorded,
+    "NativeBatchNormLegitNoTrainingBackward0": _norm_bias_unrecorded,
+    "BatchNormWithUpdateBackward0": _norm_bias_unrecorded,
+    "BatchNormNoUpdateBackward0": _norm_bias_unrecorded,
+    "RsubBackward0": _has_unrecorded_input,
+    # writes of a constant (a tensor that does not require grad) into x: no replay without it
+    "SelectScatterBackward0": _has_unrecorded_input,
+    "SliceScatterBackward0": _has_unrecorded_input,
+    "DiagonalScatterBackward0": _has_unrecorded_input,
+    "MaskedScatterBackward0": _has_unrecorded_input,
+    "IndexFillBackward1": _has_unrecorded_input,
+    "BlockDiagBackward0": _has_unrecorded_input,
 }
 
 

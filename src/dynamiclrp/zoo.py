@@ -165,7 +165,10 @@ def coverage_table() -> str:
         "(attention) and relevance sent to unrequested data (e.g. decoder tokens); *residual*: "
         "what the books miss after all of those (0 up to rounding).\n\n"
     )
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n\n" + ZOO_TABLE_END + "\n"
+
+
+ZOO_TABLE_END = "<!-- zoo table end: the sections below are written by benchmarks/ scripts -->"
 
 
 # the entries live in one module per source library

@@ -308,6 +308,17 @@ def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:
     try:
         return ctx.output_value(0) - without_bias
     except ValueRecoveryError as err:
+        if ctx._engine.resolver.recorded:  # a recording was passed and did not keep it
+            raise ValueRecoveryError(
+                f"{ctx.fn.name()} (node {ctx.idx}): its bias does not require grad, so autograd "
+                "kept neither the bias nor the layer's output, and the recording passed to "
+                "explain did not see the layer either: it ran inside an op that the recording "
+                "sees only as a whole (e.g. F.multi_head_attention_forward, whose projections "
+                "run below its own __torch_function__ dispatch), or in another forward pass than "
+                "the one recorded. Let the frozen parameters require grad during the forward "
+                "pass: record(model) does that for a model's parameters; a bias passed to a "
+                "functional op as a plain tensor needs .requires_grad_()."
+            ) from err
         raise ValueRecoveryError(
             f"{ctx.fn.name()} (node {ctx.idx}): its bias does not require grad, so autograd kept "
             "neither the bias nor the layer's output, and the rule needs the full output z. Keep "

@@ -19,6 +19,9 @@ padding, dilation, groups, transposed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor
 
 from .base import (
@@ -226,34 +229,47 @@ def _mm_rule(ctx: RuleContext):
     return contract(ctx, matmul_map(), "dense", (0, 1), None)
 
 
-def _addmm_rule(ctx: RuleContext):
-    """``z = beta * c + alpha * (a @ b)``, explained as its expansion ``beta * c + alpha * a @ b``.
+def _added_rule(m: Callable[[], LinearMap]):
+    """``z = beta * c + alpha * m(a, b)`` with ``c`` in slot 0, ``a, b`` in 1, 2 (``addmm``,
+    ``baddbmm``, ``addmv``, ``addr``, ``addbmm``), explained as its expansion
+    ``beta * c + alpha * m(a, b)``.
 
     With at most one data factor and a constant ``c``, ``beta * c`` is the bias of the layer
-    ``f(x, alpha * w)`` (as the fused ``c + alpha * (x @ W)``): the contraction rule with ``z``
+    ``m(x, alpha * w)`` (as the fused ``c + alpha * (x @ W)``): the contraction rule with ``z``
     the full output.  Otherwise (``c`` is data, or both factors are) ``R`` is split over the
-    summands ``beta * c`` and ``alpha * a @ b`` like add (``Rules.add``), a constant ``c``
+    summands ``beta * c`` and ``alpha * m(a, b)`` like add (``Rules.add``), a constant ``c``
     absorbing its share, and the product term's share goes through the contraction rule without a
-    bias (``alpha`` passes it on, as ``alpha * x`` does)."""
-    alpha = getattr(ctx.fn, "_saved_alpha", 1)
-    m = matmul_map()
-    if not ctx.data[0] and not (ctx.data[1] and ctx.data[2]):
-        return contract(ctx, m, "dense", (1, 2), 0, _addmm_bias, weight_scale=alpha)
-    beta = getattr(ctx.fn, "_saved_beta", 1)
-    p = m.forward(ctx.input_value(1), ctx.input_value(2))
-    p = p if alpha == 1 else alpha * p
-    if ctx.fn.next_functions[0][0] is None:
-        c = _output_or_explain(ctx, 0) - p
-    else:
-        c = ctx.input_value(0)
-        c = (c if beta == 1 else beta * c).expand(p.shape)
-    rc, rp = split_sum(ctx, [c, p], ctx.rules.add)
-    outs = contract(ctx, m, "dense", (1, 2), None, r=rp)  # alpha passes R on, as x * alpha does
-    if ctx.fn.next_functions[0][0] is None:
-        ctx.absorb(rc)
-    else:
-        outs[0] = sum_to_shape(rc, ctx.input_shape(0))
-    return outs
+    bias (``alpha`` passes it on, as ``alpha * x`` does).  Neither factor recorded: see
+    :func:`_constant_product`."""
+
+    def rule(ctx: RuleContext):
+        outs = _constant_product(ctx)  # census (issue 14): only the added input is recorded
+        if outs is not None:
+            return outs
+        alpha = getattr(ctx.fn, "_saved_alpha", 1)
+        mm = m()
+        if not ctx.data[0] and not (ctx.data[1] and ctx.data[2]):
+            return contract(ctx, mm, "dense", (1, 2), 0, _addmm_bias, weight_scale=alpha)
+        beta = getattr(ctx.fn, "_saved_beta", 1)
+        p = mm.forward(ctx.input_value(1), ctx.input_value(2))
+        p = p if alpha == 1 else alpha * p
+        if ctx.fn.next_functions[0][0] is None:
+            c = _output_or_explain(ctx, 0) - p
+        else:
+            c = ctx.input_value(0)
+            c = (c if beta == 1 else beta * c).expand(p.shape)
+        rc, rp = split_sum(ctx, [c, p], ctx.rules.add)
+        outs = contract(ctx, mm, "dense", (1, 2), None, r=rp)  # alpha passes R on, as x * alpha
+        if ctx.fn.next_functions[0][0] is None:
+            ctx.absorb(rc)
+        else:
+            outs[0] = sum_to_shape(rc, ctx.input_shape(0))
+        return outs
+
+    return rule
+
+
+_addmm_rule = _added_rule(matmul_map)
 
 
 def _conv_rule(ctx: RuleContext):
@@ -299,6 +315,76 @@ def _added_product(first: str, second: str, canonize: str | None = None) -> OpEn
     )
 
 
+# --- census (issue 14): more contractions, each a LinearMap for contract() -----------------------
+
+
+def _outer_map() -> LinearMap:
+    """``z = outer(a, b)``, ``z_ij = a_i b_j`` (``addr``)."""
+    return LinearMap(
+        forward=lambda a, b: torch.outer(a, b),
+        vjp_x=lambda g, a, b: g @ b,
+        vjp_w=lambda g, a, b: g.transpose(-1, -2) @ a,
+    )
+
+
+def _summed_bmm_map() -> LinearMap:
+    """``z = sum_k a[k] @ b[k]`` over the batch (``addbmm``)."""
+    return LinearMap(
+        forward=lambda a, b: (a @ b).sum(0),
+        vjp_x=lambda g, a, b: g @ b.transpose(-1, -2),
+        vjp_w=lambda g, a, b: a.transpose(-1, -2) @ g,
+    )
+
+
+def _cross_map(dim: int) -> LinearMap:
+    """``z = a x b`` (``linalg.cross`` along ``dim``), linear in each operand:
+    ``J_a^T g = b x g``, ``J_b^T g = g x a`` (summed back over broadcast dimensions)."""
+    return LinearMap(
+        forward=lambda a, b: torch.linalg.cross(a, b, dim=dim),
+        vjp_x=lambda g, a, b: sum_to_shape(torch.linalg.cross(b, g, dim=dim), a.shape),
+        vjp_w=lambda g, a, b: sum_to_shape(torch.linalg.cross(g, a, dim=dim), b.shape),
+    )
+
+
+def _cross_rule(ctx: RuleContext):
+    return contract(ctx, _cross_map(ctx.saved("_saved_dim")), "dense", (0, 1), None)
+
+
+def _constant_product(ctx: RuleContext) -> list[Tensor | None] | None:
+    """``z = beta * input + P`` where neither factor of the product ``P`` was recorded (they do
+    not require grad, so the node saved neither): ``P = z - beta * input`` is a constant added to
+    the data ``input``, split from it by the add rule (``Rules.add``) and absorbing its share,
+    as for ``x + c``.  ``None`` when a factor is recorded (the contraction rules apply)."""
+    fn = ctx.fn
+    if fn.next_functions[1][0] is not None or fn.next_functions[2][0] is not None:
+        return None
+    if ctx.partner() is not None or ctx.bias_partner() is not None:
+        return None  # paired by the plan as a layer: contract() refuses, the factors are unknown
+    from .elementwise import split_sum
+
+    beta = getattr(fn, "_saved_beta", 1)
+    term = beta * ctx.input_value(0)
+    out = ctx.output_value(0)
+    r_input, r_product = split_sum(ctx, [term.expand(out.shape), out - term], ctx.rules.add)
+    ctx.absorb(r_product)
+    return [sum_to_shape(r_input, ctx.input_shape(0)), None, None]
+
+
+def _added(m: Callable[[], LinearMap], first: str, second: str) -> OpEntry:
+    """``addmv`` / ``addr`` / ``addbmm``: an added product, like :func:`_added_product`."""
+    return OpEntry(
+        "contraction",
+        _added_rule(m),
+        saved_inputs={1: first, 2: second},
+        replay=lambda c: (
+            c.saved("_saved_beta") * c.inputs[0]
+            + c.saved("_saved_alpha") * m().forward(c.inputs[1], c.inputs[2]),
+        ),
+        kind="dense",
+        operands=(1, 2),
+    )
+
+
 TABLE = {
     "MmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2", "contraction"),
     "BmmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
@@ -315,5 +401,18 @@ TABLE = {
         operands=(0, 1),
         canonize="contraction",
         fuses_bias=True,
+    ),
+    # --- census (issue 14)
+    "AddmvBackward0": _added(_mv_map, "_saved_mat", "_saved_vec"),
+    "AddrBackward0": _added(_outer_map, "_saved_vec1", "_saved_vec2"),
+    "AddbmmBackward0": _added(_summed_bmm_map, "_saved_batch1", "_saved_batch2"),
+    "VdotBackward0": _product(_dot_rule, "_saved_self", "_saved_other"),
+    "LinalgCrossBackward0": OpEntry(
+        "contraction",
+        _cross_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (torch.linalg.cross(c.inputs[0], c.inputs[1], dim=c.saved("_saved_dim")),),
+        kind="dense",
+        operands=(0, 1),
     ),
 }

@@ -137,6 +137,17 @@ def _output_or_explain(ctx: RuleContext, slot: int, advice: str | None = None) -
     try:
         return ctx.output_value(0)
     except ValueRecoveryError as err:
+        if ctx._engine.resolver.recorded:  # a recording was passed and did not keep it
+            raise ValueRecoveryError(
+                f"{ctx.fn.name()} (node {ctx.idx}) adds a constant (operand {slot}: a Python "
+                "scalar or a tensor that does not require grad) that autograd did not record, "
+                "no node saved the sum, and the recording passed to explain did not see it "
+                "either: the op ran inside a C++ composite that adds internally (e.g. "
+                "F.margin_ranking_loss, F.kl_div, F.gaussian_nll_loss), or in another forward "
+                "pass than the one recorded. Write that op out in Python (e.g. "
+                "(-target * (x1 - x2) + margin).clamp_min(0) for margin_ranking_loss), or let "
+                "the constant operand require grad during the forward pass."
+            ) from err
         raise ValueRecoveryError(
             f"{ctx.fn.name()} (node {ctx.idx}) adds a constant (operand {slot}: a Python scalar "
             "or a tensor that does not require grad) that autograd did not record, and no node "
@@ -249,6 +260,21 @@ def add_rule(sign: float):
 
     rule.__doc__ = "Add/sub: split R over the summands (``Rules.add``)."
     return rule
+
+
+def _rsub_rule(ctx: RuleContext):
+    """``z = other - alpha * self`` (``torch.rsub`` with two tensors, ``RsubBackward0``): the add
+    rule (``Rules.add``) on the summands ``t_0 = -alpha * self`` and ``t_1 = other``; an
+    unrecorded operand is recovered as ``z - (the other summand)`` and absorbs its share."""
+    alpha = _alpha(ctx)
+    x, y = _known_input(ctx, 0), _known_input(ctx, 1)
+    terms = _fill_missing(ctx, [None if x is None else -alpha * x, y], [0, 1])
+    shares = split_sum(ctx, terms, ctx.rules.add)
+    outs = []
+    for slot, rel in enumerate(shares):
+        unrecorded = ctx.fn.next_functions[slot][0] is None
+        outs.append(rel if unrecorded else sum_to_shape(rel, ctx.input_shape(slot)))
+    return outs
 
 
 def _product_shares(
@@ -667,5 +693,12 @@ TABLE = {
         glu_rule,
         saved_inputs={0: "_saved_self"},
         replay=lambda c: (F.glu(c.inputs[0], c.saved("_saved_dim")),),
+    ),
+    # --- census (issue 14): rsub with a tensor (c - x written torch.rsub(x, c))
+    "RsubBackward0": OpEntry(
+        "elementwise-binary",
+        _rsub_rule,
+        needs_values=True,
+        replay=lambda c: (c.inputs[1] - _alpha(c) * c.inputs[0],),
     ),
 }

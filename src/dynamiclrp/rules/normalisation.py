@@ -35,6 +35,8 @@ def _weight_share(ctx: RuleContext, scaled: Tensor, gy: Tensor, per_channel: boo
     ``R / stab(y)``."""
     if ctx.n_inputs() < 2 or ctx.fn.next_functions[1][0] is None or not ctx.wanted[1]:
         return
+    if ctx.data[1]:
+        return  # a data weight takes its share through the rule itself (layer norm of a constant)
     rw = scaled * gy
     if per_channel:
         rw = rw.sum([d for d in range(rw.dim()) if d != 1])
@@ -44,7 +46,8 @@ def _weight_share(ctx: RuleContext, scaled: Tensor, gy: Tensor, per_channel: boo
 def _layer_norm(ctx: RuleContext):
     """``y = (x - mean) * rstd * w + b`` with the statistics held constant:
     ``R_x = x * (g - mean(g))``, ``g = w * rstd * R / stab(y)``, and the bias absorbs
-    ``b * R / stab(y)`` (summed per feature as ``b * sum(R / stab(y))``)."""
+    ``b * R / stab(y)`` (summed per feature as ``b * sum(R / stab(y))``).  When ``x`` is a
+    constant and the weight is data, ``y`` is linear in ``w``: ``R_w = xhat * w * R / stab(y)``."""
     fn = ctx.fn
     x = ctx.input_value(0)
     w, b = fn._saved_weight, fn._saved_bias
@@ -60,6 +63,11 @@ def _layer_norm(ctx: RuleContext):
         lead = tuple(range(gy.dim() - b.dim()))
         rb = (gy.sum(lead) if lead else gy) * b
         rb = sum_to_shape(rb, ctx.input_shape(2))
+    if w is not None and ctx.data[1] and not ctx.data[0]:
+        # census (issue 14): x is a constant and the weight is data: y = xhat * w + b is linear
+        # in w, the epsilon rule R_w = xhat * w * R / stab(y) (summed over the leading dims)
+        rw = (x - mean).mul_(scale).mul_(gy)
+        return [None, sum_to_shape(rw, ctx.input_shape(1)), rb]
     g = gy.mul_(scale) if gy.shape == torch.broadcast_shapes(gy.shape, scale.shape) else gy * scale
     rx = (
         g.sub_(g.mean(dims, keepdim=True)).mul_(x)
@@ -110,12 +118,27 @@ def _bn_eps(fn) -> float:
     return fn._saved_eps if hasattr(fn, "_saved_eps") else fn._saved_epsilon
 
 
+#: Batch-norm nodes that save no ``_saved_training`` flag: the op itself fixes the mode.
+_FIXED_MODE = {
+    "BatchNormWithUpdateBackward0": True,  # aten::_batch_norm_with_update: batch statistics
+    "BatchNormNoUpdateBackward0": False,  # aten::_batch_norm_no_update: running statistics
+    "NativeBatchNormLegitNoTrainingBackward0": False,
+}
+
+
+def _training(fn) -> bool:
+    """Whether the batch norm used batch statistics (``_saved_training``, else fixed by the op)."""
+    if hasattr(fn, "_saved_training"):
+        return bool(fn._saved_training)
+    return _FIXED_MODE[type(fn).__name__]
+
+
 def batchnorm_affine(ctx: RuleContext):
     """``(scale, shift)`` with ``y = x * scale + shift`` of an eval-mode batch norm, viewed
     ``(1, C, 1, ...)`` (``shift`` in the output's shape when a frozen bias had to be recovered);
     ``None`` in training mode (batch statistics: nothing to merge)."""
     fn = ctx.fn
-    if fn._saved_training:
+    if _training(fn):
         return None
     per_channel = [1, -1] + [1] * (len(fn._input_metadata[0].shape) - 2)
     w = fn._saved_weight
@@ -132,7 +155,7 @@ def batchnorm_affine(ctx: RuleContext):
 
 def _batch_norm(ctx: RuleContext):
     fn = ctx.fn
-    if ctx.rules.batchnorm == "pass" or (ctx.partner() is not None and not fn._saved_training):
+    if ctx.rules.batchnorm == "pass" or (ctx.partner() is not None and not _training(fn)):
         if ctx.wanted[1] and fn._saved_weight is not None:  # the weight read from its side
             x = ctx.input_value(0)
             y = ctx.output_value(0)
@@ -144,7 +167,7 @@ def _batch_norm(ctx: RuleContext):
     c = x.shape[1]
     per_channel = [1, c] + [1] * (x.dim() - 2)
     w = fn._saved_weight
-    if fn._saved_training:
+    if _training(fn):
         mean, invstd = fn._saved_result1, fn._saved_result2
     else:
         mean = fn._saved_running_mean
@@ -152,7 +175,7 @@ def _batch_norm(ctx: RuleContext):
     scale = invstd.view(per_channel)
     if w is not None:
         scale = scale * w.view(per_channel)
-    if not fn._saved_training and (w is None or fn.next_functions[2][0] is not None):
+    if not _training(fn) and (w is None or fn.next_functions[2][0] is not None):
         return _batch_norm_eval(ctx, x, scale, mean.view(per_channel), per_channel)
     y = (x - mean.view(per_channel)) * scale
     b = _affine_bias(ctx, w is not None, per_channel, y)
@@ -162,7 +185,7 @@ def _batch_norm(ctx: RuleContext):
     gy = safe_divide(ctx.r, y, ctx.eps)
     _weight_share(ctx, scaled, gy, per_channel=True)
     g = gy * scale
-    if fn._saved_training:  # batch statistics: the centring is part of the linear map
+    if _training(fn):  # batch statistics: the centring is part of the linear map
         dims = [0] + list(range(2, x.dim()))
         rx = x * (g - g.mean(dims, keepdim=True))
     else:
@@ -197,7 +220,7 @@ def _bn_replay(c):
     x, b = c.inputs[0], c.inputs[2]
     w = c.inputs[1] if c.inputs[1] is not None else fn._saved_weight
     per_channel = [1, x.shape[1]] + [1] * (x.dim() - 2)
-    if fn._saved_training:
+    if _training(fn):
         mean, invstd = fn._saved_result1, fn._saved_result2
     else:
         mean = fn._saved_running_mean
@@ -269,6 +292,35 @@ TABLE = {
         canonize="batchnorm",
     ),
     "CudnnBatchNormBackward0": OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+    ),
+    # --- census (issue 14): the other native batch-norm nodes (same op, same saved tensors)
+    "NativeBatchNormLegitBackward0": OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+    ),
+    "NativeBatchNormLegitNoTrainingBackward0": OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+    ),
+    "BatchNormWithUpdateBackward0": OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+    ),
+    "BatchNormNoUpdateBackward0": OpEntry(
         "normalisation",
         _batch_norm,
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import OpEntry, RuleContext, ratio, saved
+from .base import OpEntry, RuleContext, ratio, saved, sum_to_shape
 from .elementwise import cancelled
 from .linear import safe_divide
 
@@ -165,7 +165,10 @@ def _entry(forward, saved_self: bool, rule=None) -> OpEntry:
 
 
 def _group_dims(fn, ndim: int) -> list[int]:
-    """The reduced dimensions, non-negative; ``None`` or empty means all."""
+    """The reduced dimensions, non-negative; ``None`` or empty means all.  A 0-d input has no
+    dimension to reduce (``dim=0`` or ``-1`` names the scalar itself): ``[]``, a group of one."""
+    if ndim == 0:
+        return []
     dims = saved(fn, "_saved_dim") if hasattr(fn, "_saved_dim") else None
     if dims is None:
         return list(range(ndim))
@@ -206,11 +209,76 @@ def _norm_weights(x: Tensor, p: float, dims: list[int]) -> Tensor:
 def norm_rule(ctx: RuleContext):
     """``z = ||x||_p`` over a group: ``R_x = R * |x|^p / sum_G |x|^p``, each element's share of
     the ``p``-th power sum.  ``p = inf`` (``-inf``): all to the element(s) of largest (smallest)
-    magnitude, ties split evenly; ``p = 0``: evenly over the non-zero elements."""
+    magnitude, ties split evenly; ``p = 0``: evenly over the non-zero elements.  ``p`` is
+    ``_saved_ord`` (``linalg.vector_norm``) or ``_saved_p`` (``torch.norm``, ``None`` for 2)."""
     x = ctx.input_value(0)
     dims = _group_dims(ctx.fn, x.dim())
-    p = float(ctx.saved("_saved_ord"))
+    p = _norm_order(ctx.fn)
     return (_split_by_weight(_norm_weights(x, p, dims), ctx.r, dims),)
+
+
+def dist_rule(ctx: RuleContext):
+    """``z = dist(x, y, p) = ||x - y||_p``: the p-norm rule (:func:`norm_rule`) on the difference
+    ``d = x - y``, ``R_d = R * |d|^p / sum |d|^p``, then each ``R_d`` split over the summands
+    ``x`` and ``-y`` by the add rule (``Rules.add``): the map of ``vector_norm(x - y, p)``.  An
+    operand that does not require grad (saved by the node all the same) absorbs its share."""
+    from types import SimpleNamespace
+
+    from .elementwise import split_sum
+
+    x, y = torch.broadcast_tensors(ctx.input_value(0), ctx.input_value(1))
+    d = x - y
+    dims = list(range(d.dim()))
+    r_d = _split_by_weight(_norm_weights(d, _norm_order(ctx.fn), dims), ctx.r, dims)
+    # split_sum reads only the relevance and eps of its context
+    shares = split_sum(SimpleNamespace(r=r_d, eps=ctx.eps), [x, -y], ctx.rules.add)
+    outs = []
+    for slot, rel in enumerate(shares):
+        unrecorded = ctx.fn.next_functions[slot][0] is None
+        outs.append(rel if unrecorded else sum_to_shape(rel, ctx.input_shape(slot)))
+    return outs
+
+
+def _difference_norm_shares(ctx: RuleContext, a: Tensor, b: Tensor, r: Tensor, p: float):
+    """Shares of ``a`` and ``b`` (broadcast to one shape ``(..., M)``) in ``R`` of
+    ``||a - b||_p`` over the last dimension: the p-norm rule on ``d = a - b``, then the add rule
+    over ``a`` and ``-b`` (``Rules.add``), in the broadcast shape."""
+    from types import SimpleNamespace
+
+    from .elementwise import split_sum
+
+    d = a - b
+    dims = [d.dim() - 1]
+    r_d = _split_by_weight(_norm_weights(d, p, dims), r, dims)
+    # split_sum reads only the relevance and eps of its context
+    return split_sum(SimpleNamespace(r=r_d, eps=ctx.eps), [a, -b], ctx.rules.add)
+
+
+def cdist_rule(ctx: RuleContext):
+    """``z_pr = ||x1_p - x2_r||_p`` (``cdist``): each pair as :func:`dist_rule`, the map of
+    ``vector_norm(x1[..., :, None, :] - x2[..., None, :, :], p, dim=-1)``."""
+    x1, x2 = ctx.input_value(0), ctx.input_value(1)
+    a, b = torch.broadcast_tensors(x1.unsqueeze(-2), x2.unsqueeze(-3))
+    ra, rb = _difference_norm_shares(ctx, a, b, ctx.r, _norm_order(ctx.fn))
+    outs = []
+    for slot, rel in ((0, ra.sum(-2)), (1, rb.sum(-3))):
+        unrecorded = ctx.fn.next_functions[slot][0] is None  # absorbs its share
+        outs.append(rel if unrecorded else sum_to_shape(rel, ctx.input_shape(slot)))
+    return outs
+
+
+def pdist_rule(ctx: RuleContext):
+    """``z_k = ||x_i - x_j||_p`` over the pairs ``i < j`` (``pdist``, row-major): each pair as
+    :func:`dist_rule`, the shares added back to the rows ``i`` and ``j``."""
+    x = ctx.input_value(0)
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    ra, rb = _difference_norm_shares(ctx, x[i], x[j], ctx.r, _norm_order(ctx.fn))
+    return (torch.zeros_like(x).index_add_(0, i, ra).index_add_(0, j, rb),)
+
+
+def _norm_order(fn) -> float:
+    p = saved(fn, "_saved_ord") if hasattr(fn, "_saved_ord") else saved(fn, "_saved_p")
+    return 2.0 if p is None else float(p)
 
 
 def _centred_squares(x: Tensor, dims: list[int]) -> Tensor:
@@ -303,6 +371,48 @@ def _prod_entry() -> OpEntry:
     )
 
 
+def _nansum(fn, x):
+    dims = saved(fn, "_saved_dim")
+    if dims is None or not len(dims):
+        return torch.nansum(x)
+    return torch.nansum(x, list(dims), keepdim=saved(fn, "_saved_keepdim"))
+
+
+def _nll(op):
+    """``z = nll_loss(x, target, weight, reduction, ignore_index)``: ``-w_t x_t`` per sample
+    (summed, or divided by the total weight for ``mean``), linear in ``x`` with coefficients
+    ``<= 0``: the epsilon form :func:`signed_linear_map`."""
+
+    def forward(fn, x):
+        return op(
+            x,
+            saved(fn, "_saved_target"),
+            saved(fn, "_saved_weight"),
+            saved(fn, "_saved_reduction"),
+            saved(fn, "_saved_ignore_index"),
+        )
+
+    return forward
+
+
+def _norm_replay(c):
+    x, p = c.inputs[0], _norm_order(c.fn)
+    if not hasattr(c.fn, "_saved_dim"):
+        return (torch.linalg.vector_norm(x, p),)
+    return (torch.linalg.vector_norm(x, p, c.saved("_saved_dim"), c.saved("_saved_keepdim")),)
+
+
+def _norm_entry() -> OpEntry:
+    """``torch.norm(x, p[, dim, keepdim][, dtype])``: a vector p-norm (:func:`norm_rule`)."""
+    return OpEntry(
+        "reduction",
+        norm_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=_norm_replay,
+    )
+
+
 TABLE = {
     "SumBackward0": _entry(lambda fn, x: x.sum(), saved_self=False),
     "SumBackward1": _entry(_sum_dims, saved_self=False),
@@ -341,6 +451,47 @@ TABLE = {
         saved_inputs={0: "_saved_self"},
         saved_outputs={0: "_saved_result"},
         replay=lambda c: (torch.cumprod(c.inputs[0], c.saved("_saved_dim")),),
+    ),
+    # --- census (issue 14): reductions found by benchmarks/census.py
+    # trace = sum of the diagonal: linear, coefficients 1 (the backward scatters onto it)
+    "TraceBackward0": _entry(lambda fn, x: torch.trace(x), saved_self=False),
+    # nansum = sum of the non-NaN elements (an input to explain is finite: a plain sum there)
+    "NansumBackward0": _entry(_nansum, saved_self=True),
+    # torch.norm (aten::norm): the p-norm rule of linalg.vector_norm, p read from _saved_p
+    "NormBackward0": _norm_entry(),
+    "NormBackward1": _norm_entry(),
+    "NormBackward2": _norm_entry(),
+    "NormBackward3": _norm_entry(),
+    "DistBackward0": OpEntry(
+        "reduction",
+        dist_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.dist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
+    ),
+    "CdistBackward0": OpEntry(
+        "reduction",
+        cdist_rule,
+        saved_inputs={0: "_saved_x1", 1: "_saved_x2"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.cdist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
+    ),
+    "PdistBackward0": OpEntry(
+        "reduction",
+        pdist_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.nn.functional.pdist(c.inputs[0], _norm_order(c.fn)),),
+    ),
+    "NllLossBackward0": _entry(
+        _nll(torch.ops.aten.nll_loss.default),
+        saved_self=True,
+        rule=signed_linear_map(_nll(torch.ops.aten.nll_loss.default)),
+    ),
+    "NllLoss2DBackward0": _entry(
+        _nll(torch.ops.aten.nll_loss2d.default),
+        saved_self=True,
+        rule=signed_linear_map(_nll(torch.ops.aten.nll_loss2d.default)),
     ),
 }
 for _name, (_op, _scales) in _UPSAMPLE.items():

@@ -183,6 +183,113 @@ def _pool_replay(fn):
     return lambda c: (fn(c),)
 
 
+def _at_indices(c: ReplayContext):
+    """The values a selection by value (``topk``, ``sort``, ``kthvalue``, ``median``/``mode``
+    along a dimension, ``cummax``) returned: the input gathered at the saved indices (exact,
+    and needs none of ``largest``/``sorted``/``descending``, which autograd does not save)."""
+    x, dim, idx = c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_indices")
+    if x.dim() == 0:
+        return (x.clone(),)
+    keep = not hasattr(c.fn, "_saved_keepdim") or c.saved("_saved_keepdim")
+    if idx.dim() < x.dim():  # keepdim=False: the reduced dimension was dropped
+        return (x.gather(dim, idx.unsqueeze(dim)).squeeze(dim),)
+    out = x.gather(dim, idx)
+    return (out if keep else out.squeeze(dim),)
+
+
+def _pad(mode: str):
+    """Reflection / replication padding: every output element is one input element."""
+    return lambda c: (torch.nn.functional.pad(c.inputs[0], list(c.saved("_saved_padding")), mode),)
+
+
+def _pooled_at(dims: int):
+    """Fractional max pooling: the input at the saved arg-max indices (``_saved_result1``, flat
+    over the last ``dims`` dimensions), so the random pooling regions need not be redrawn."""
+
+    def replay(c: ReplayContext):
+        x, idx = c.inputs[0], c.saved("_saved_result1")
+        flat = x.flatten(-dims).gather(-1, idx.flatten(-dims))
+        return (flat.view(idx.shape),)
+
+    return replay
+
+
+def _distinct_writes(what: str, indices, accumulate_attr: str | None = None):
+    """Rule of an op that writes input elements to indexed output elements (``max_unpool``,
+    ``index_copy``, ``put``): routed like its gradient when no two writes hit one output
+    element.  ``indices(ctx)`` gives the written positions, one row per independent plane;
+    with a duplicate the last write wins but the gradient reaches every writer, so routing
+    relevance like it would duplicate relevance: refused, as is an accumulating write (a sum)."""
+
+    def rule(ctx: RuleContext):
+        from ..errors import UncoveredOpError
+
+        if accumulate_attr is not None and ctx.saved(accumulate_attr):
+            raise UncoveredOpError(
+                f"{ctx.fn.name()} (node {ctx.idx}) accumulates {what} into the output "
+                "(accumulate=True): a sum of the overwritten and the written elements, not a "
+                "routing, and it has no rule. Write it as an index_add or a scatter_add."
+            )
+        idx = indices(ctx)
+        srt = idx.sort(-1).values
+        if bool((srt[..., 1:] == srt[..., :-1]).any()):
+            raise UncoveredOpError(
+                f"{ctx.fn.name()} (node {ctx.idx}) writes several {what} into one output "
+                "element (duplicate indices): the last write wins, but autograd routes the "
+                "gradient to every writer, so routing relevance like it would duplicate it. "
+                "Make the indices distinct (or write the op as a scatter with reduce=)."
+            )
+        return route_like_gradient(ctx)
+
+    return rule
+
+
+def _unpool_replay(dims: int):
+    """``max_unpool``: zeros of the output's shape with the input written at the saved flat
+    indices of each plane (exact for distinct indices; stride and padding are not saved)."""
+
+    def replay(c: ReplayContext):
+        x, idx = c.inputs[0], c.saved("_saved_indices")
+        shape = c.out_shape()
+        out = x.new_zeros(*shape[:-dims], shape[-dims:].numel())
+        out.scatter_(-1, idx.flatten(-dims), x.flatten(-dims))
+        return (out.view(shape),)
+
+    return replay
+
+
+def _unpool(dims: int) -> OpEntry:
+    return OpEntry(
+        "routing",
+        _distinct_writes("input elements", lambda ctx: ctx.saved("_saved_indices").flatten(-dims)),
+        replay=_unpool_replay(dims),
+    )
+
+
+def _index_copy_replay(c: ReplayContext):
+    src = c.inputs[1] if c.inputs[1] is not None else c.saved("_saved_source")
+    return (c.inputs[0].index_copy(c.saved("_saved_dim"), c.saved("_saved_index"), src),)
+
+
+def _put_replay(c: ReplayContext):
+    src = c.inputs[1] if c.inputs[1] is not None else c.saved("_saved_source")
+    return (c.inputs[0].put(c.saved("_saved_index"), src, c.saved("_saved_accumulate")),)
+
+
+def _copy(c: ReplayContext):
+    """``self.copy_(src)``: the output is ``src`` broadcast to ``self``'s shape and dtype."""
+    return (c.inputs[1].to(c.out_dtype()).expand(c.out_shape()).clone(),)
+
+
+def _winner(pick):
+    """``maximum``/``minimum``/``fmax``/``fmin`` of two tensors: the gradient routes to the
+    winning operand (half to each on a tie), so does relevance; replay from the saved operands."""
+    return _routing(
+        lambda c: (pick(c.inputs[0], c.inputs[1]),),
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+    )
+
+
 TABLE = {
     # pure reshapes: replay = reshape to the recorded output shape
     **{  # reshapes the plan may look through (bias-add fusion)
@@ -304,8 +411,8 @@ TABLE = {
     "MinBackward1": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
     "AmaxBackward0": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
     "AminBackward0": _routing(saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}),
-    "TopkBackward0": _routing(),
-    "SortBackward0": _routing(),
+    "TopkBackward0": _routing(_at_indices),
+    "SortBackward0": _routing(_at_indices),
     # the representation of token ids: data when its table is a requested input
     "EmbeddingBackward0": OpEntry(
         "routing",
@@ -318,4 +425,194 @@ TABLE = {
         for d in (1, 2, 3)
         for exact in ("", "Exact")
     },
+    # --- census (issue 14): node types routed like their gradient, found by benchmarks/census.py
+    # the *_copy twins of views (torch.view_copy, permute_copy, ...: a view then a clone)
+    "ViewBackward0_copy": _routing(_reshape, rearranges=True),
+    "AliasBackward0_copy": _routing(_reshape, rearranges=True),
+    "SqueezeBackward0_copy": _routing(_reshape, rearranges=True),
+    "SqueezeBackward1_copy": _routing(_reshape, rearranges=True),
+    "SqueezeBackward2_copy": _routing(_reshape, rearranges=True),
+    "UnsqueezeBackward0_copy": _routing(_reshape, rearranges=True),
+    "ExpandBackward0_copy": _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)),
+    "TransposeBackward0_copy": _routing(
+        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),),
+        rearranges=True,
+    ),
+    "TBackward0_copy": _routing(lambda c: (c.inputs[0].t(),), rearranges=True),
+    "PermuteBackward0_copy": _routing(
+        lambda c: (c.inputs[0].permute(c.saved("_saved_dims")),), rearranges=True
+    ),
+    "DiagonalBackward0_copy": _routing(
+        lambda c: (
+            c.inputs[0].diagonal(
+                c.saved("_saved_offset"), c.saved("_saved_dim1"), c.saved("_saved_dim2")
+            ),
+        )
+    ),
+    "UnbindBackward0_copy": _routing(lambda c: torch.unbind(c.inputs[0], c.saved("_saved_dim"))),
+    "SplitWithSizesBackward0_copy": _routing(_split),
+    "UnfoldBackward0_copy": _routing(
+        lambda c: (
+            c.inputs[0].unfold(
+                c.saved("_saved_dimension"), c.saved("_saved_size"), c.saved("_saved_step")
+            ),
+        )
+    ),
+    "NarrowCopyBackward0": _routing(
+        lambda c: (
+            c.inputs[0].narrow(
+                c.saved("_saved_dim"), c.saved("_saved_start"), c.saved("_saved_length")
+            ),
+        )
+    ),
+    # squeeze(dim) / squeeze(dims) inside composites (matmul of a vector): a reshape
+    "SqueezeBackward3": _routing(_reshape, rearranges=True),
+    "SqueezeBackward4": _routing(_reshape, rearranges=True),
+    # self.copy_(src): the output is src (broadcast and cast); self is overwritten and gets 0
+    "CopyBackwards": _routing(_copy),
+    # x.zero_() / x.fill_(v): every element replaced by a constant, which absorbs all relevance
+    "ZeroBackward0": _routing(lambda c: (torch.zeros_like(c.inputs[0]),)),
+    "Rot90Backward0": _routing(
+        lambda c: (torch.rot90(c.inputs[0], c.saved("_saved_k"), c.saved("_saved_dims")),),
+        rearranges=True,
+    ),
+    "DiagEmbedBackward0": _routing(
+        lambda c: (
+            torch.diag_embed(
+                c.inputs[0],
+                c.saved("_saved_offset"),
+                c.saved("_saved_dim1"),
+                c.saved("_saved_dim2"),
+            ),
+        )
+    ),
+    "BlockDiagBackward0": _routing(lambda c: (torch.block_diag(*c.inputs),)),
+    "MaskedSelectBackward0": _routing(
+        lambda c: (torch.masked_select(c.inputs[0], c.saved("_saved_mask")),),
+        saved_inputs={0: "_saved_self"},
+    ),
+    "TakeBackward0": _routing(
+        lambda c: (torch.take(c.inputs[0], c.saved("_saved_index")),),
+        saved_inputs={0: "_saved_self"},
+    ),
+    "SelectScatterBackward0": _routing(
+        lambda c: (
+            torch.select_scatter(
+                c.inputs[0], c.inputs[1], c.saved("_saved_dim"), c.saved("_saved_index")
+            ),
+        )
+    ),
+    "SliceScatterBackward0": _routing(
+        lambda c: (
+            torch.slice_scatter(
+                c.inputs[0],
+                c.inputs[1],
+                c.saved("_saved_dim"),
+                c.saved("_saved_start"),
+                c.saved("_saved_end"),
+                c.saved("_saved_step"),
+            ),
+        )
+    ),
+    "DiagonalScatterBackward0": _routing(
+        lambda c: (
+            torch.diagonal_scatter(
+                c.inputs[0],
+                c.inputs[1],
+                c.saved("_saved_offset"),
+                c.saved("_saved_dim1"),
+                c.saved("_saved_dim2"),
+            ),
+        )
+    ),
+    "MaskedScatterBackward0": _routing(
+        lambda c: (c.inputs[0].masked_scatter(c.saved("_saved_mask"), c.inputs[1]),)
+    ),
+    # padding: reflection and replication copy input elements into the border
+    "ReflectionPad1DBackward0": _routing(_pad("reflect"), saved_inputs={0: "_saved_self"}),
+    "ReflectionPad2DBackward0": _routing(_pad("reflect"), saved_inputs={0: "_saved_self"}),
+    "ReflectionPad3DBackward0": _routing(_pad("reflect"), saved_inputs={0: "_saved_self"}),
+    "ReplicationPad1DBackward0": _routing(_pad("replicate"), saved_inputs={0: "_saved_self"}),
+    "ReplicationPad2DBackward0": _routing(_pad("replicate"), saved_inputs={0: "_saved_self"}),
+    "ReplicationPad3DBackward0": _routing(_pad("replicate"), saved_inputs={0: "_saved_self"}),
+    # channel / pixel rearrangements
+    "ChannelShuffleBackward0": _routing(
+        lambda c: (torch.nn.functional.channel_shuffle(c.inputs[0], c.saved("_saved_groups")),),
+        rearranges=True,
+    ),
+    # selections by value: winner takes all, like max (ties split as the gradient splits them)
+    "MinBackward0": _routing(
+        lambda c: torch.min(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_keepdim"))[:1]
+    ),
+    "SortBackward1": _routing(_at_indices),
+    "KthvalueBackward0": _routing(_at_indices),
+    "MedianBackward1": _routing(_at_indices),
+    "NanmedianBackward1": _routing(_at_indices),
+    "ModeBackward0": _routing(_at_indices),
+    "MedianBackward0": _routing(
+        saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}
+    ),
+    "NanmedianBackward0": _routing(
+        saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_result"}
+    ),
+    "CummaxBackward0": _routing(_at_indices, saved_inputs={0: "_saved_self"}),
+    "CumminBackward0": _routing(_at_indices, saved_inputs={0: "_saved_self"}),
+    "AminmaxBackward0": _routing(
+        saved_inputs={0: "_saved_self"}, saved_outputs={0: "_saved_min", 1: "_saved_max"}
+    ),
+    "MaximumBackward0": _winner(torch.maximum),
+    "MinimumBackward0": _winner(torch.minimum),
+    "FmaxBackward0": _winner(torch.fmax),
+    "FminBackward0": _winner(torch.fmin),
+    # clamp with a tensor bound: max(x, min) / min(x, max), the gradient routes to the winner
+    "ClampMinBackward1": _routing(
+        lambda c: (torch.clamp_min(c.inputs[0], c.inputs[1]),),
+        saved_inputs={0: "_saved_self", 1: "_saved_min"},
+    ),
+    "ClampMaxBackward1": _routing(
+        lambda c: (torch.clamp_max(c.inputs[0], c.inputs[1]),),
+        saved_inputs={0: "_saved_self", 1: "_saved_max"},
+    ),
+    # fills with a value tensor: each output element is x's or the value's
+    "MaskedFillBackward1": _routing(
+        lambda c: (c.inputs[0].masked_fill(c.saved("_saved_mask"), c.inputs[1]),)
+    ),
+    "IndexFillBackward0": _routing(),  # the fill value is not saved: no replay
+    "IndexFillBackward1": _routing(
+        lambda c: (
+            c.inputs[0].index_fill(c.saved("_saved_dim"), c.saved("_saved_index"), c.inputs[1]),
+        )
+    ),
+    "AsStridedBackward0_copy": _routing(),  # no replay, as AsStridedBackward0
+    # more max pooling: winner takes all, replayed from the saved input (and indices)
+    "AdaptiveMaxPool3DBackward0": _routing(
+        _pool_replay(
+            lambda c: torch.nn.functional.adaptive_max_pool3d(c.inputs[0], c.out_shape()[-3:])
+        ),
+        saved_inputs={0: "_saved_self"},
+    ),
+    "FractionalMaxPool2DBackward0": _routing(_pooled_at(2), saved_inputs={0: "_saved_self"}),
+    "FractionalMaxPool3DBackward0": _routing(_pooled_at(3), saved_inputs={0: "_saved_self"}),
+    # where(mask, x[indices], fill): each output element is an element of x or the fill value
+    # (not saved: no replay, record() keeps the result)
+    "UnsafeMaskedIndexBackward0": _routing(),
+    # writes to indexed positions: routing when no two writes meet (else a specific refusal)
+    "MaxUnpool2DBackward0": _unpool(2),
+    "MaxUnpool3DBackward0": _unpool(3),
+    "IndexCopyBackward0": OpEntry(
+        "routing",
+        _distinct_writes("source slices", lambda ctx: ctx.saved("_saved_index").flatten()),
+        saved_inputs={1: "_saved_source"},
+        replay=_index_copy_replay,
+    ),
+    "PutBackward0": OpEntry(
+        "routing",
+        _distinct_writes(
+            "source elements",
+            lambda ctx: ctx.saved("_saved_index").flatten() % ctx.r.numel(),
+            "_saved_accumulate",
+        ),
+        saved_inputs={1: "_saved_source"},
+        replay=_put_replay,
+    ),
 }
