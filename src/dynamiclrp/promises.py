@@ -36,38 +36,11 @@ from torch import Tensor
 
 from .errors import ValueRecoveryError
 from .graph import Edge, Graph
-from .recording import NEEDS_RECORDING
 from .rules.base import OpEntry, ReplayContext
 
 LEAF, OWN_SAVED, CONSUMER_SAVED, REPLAY = "leaf", "own-saved", "consumer-saved", "replay"
+_NONE = OpEntry("", None)
 UNDONE = "undone-rearrangement"
-
-# consumers of x.masked_fill(mask, fill) whose saved output shows whether the fill was -inf
-MASKED_SOFTMAXES = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0", "LogSoftmaxBackward0"})
-
-# Consumers whose forward is a bijective rearrangement of their one input: the node's own backward
-# applied to the output's value gives the input's value back (the gradient of a permutation of
-# elements is the inverse permutation), at the cost of a view.
-BIJECTIVE = frozenset(
-    {
-        "ViewBackward0",
-        "UnsafeViewBackward0",
-        "ReshapeAliasBackward0",
-        "TransposeBackward0",
-        "TransposeBackward1",
-        "TBackward0",
-        "PermuteBackward0",
-        "UnsqueezeBackward0",
-        "UnsqueezeBackward1",
-        "SqueezeBackward0",
-        "SqueezeBackward1",
-        "SqueezeBackward2",
-        "SqueezeBackward3",
-        "SqueezeBackward4",
-        "CloneBackward0",
-        "AliasBackward0",
-    }
-)
 
 
 @dataclass
@@ -185,7 +158,7 @@ class PromiseResolver:
         known = self.plan.sources.get(e)
         if known is not None:
             if known[0] == REPLAY:
-                if self.graph.names[e[0]] == "MaskedFillBackward0":
+                if self.entries[e[0]].fill_unsaved:
                     self._check_masked_softmax(e[0])  # values differ from run to run
                 return None
             v = self._read(e, known)
@@ -197,8 +170,8 @@ class PromiseResolver:
                 self.plan.sources[e] = source
                 return v
         entry = self.entries[e[0]]
-        unrecorded = NEEDS_RECORDING.get(self.graph.names[e[0]])
-        if self.graph.names[e[0]] == "MaskedFillBackward0" and e[1] == 0:
+        unrecorded = None if entry is None else entry.unrecorded
+        if entry is not None and entry.fill_unsaved and e[1] == 0:
             self._check_masked_softmax(e[0])  # raises where the fill cannot be rebuilt
             self.plan.sources[e] = (REPLAY, e[0], "")
             return None
@@ -248,7 +221,8 @@ class PromiseResolver:
             if pe is not None and slot in pe.saved_inputs:
                 yield (CONSUMER_SAVED, p, pe.saved_inputs[slot])
         for p, _ in consumers:  # a view of it whose value is at hand: undo the view
-            if self.graph.names[p] in BIJECTIVE:
+            pe = self.entries[p]  # a permutation of elements (OpEntry.rearranges)
+            if pe is not None and pe.rearranges:
                 yield (UNDONE, p, "")
 
     def _read(self, e: Edge, source: tuple[str, int, str]) -> Tensor | None:
@@ -281,8 +255,8 @@ class PromiseResolver:
         if self.recorded:
             return ""
         g = self.graph
-        for j, name in enumerate(g.names):
-            check = NEEDS_RECORDING.get(name)
+        for j, entry in enumerate(self.entries):
+            check = None if entry is None else entry.unrecorded
             if check is not None and check(g.fns[j]):
                 return (
                     f" The graph also holds constants autograd did not record (first at "
@@ -309,6 +283,10 @@ class PromiseResolver:
         advice = (
             "Run the forward pass under `with dynamiclrp.record(model) as rec:` and pass "
             "recording=rec to explain, which keeps the filled tensor."
+            if not self.recorded
+            else "The recording did not see the fill either: it ran inside a C++ composite "
+            "(a loss such as poisson_nll_loss fills internally) or in another forward pass than "
+            "the one recorded; write the op out in Python, or explain its output instead."
         )
         head = (
             f"Cannot recover the forward value of {g.describe(j)}: autograd saves the mask of "
@@ -316,16 +294,18 @@ class PromiseResolver:
             "consumer is a softmax whose saved output is 0 where the mask applies"
         )
         consumers = g.consumers.get((j, 0), ())
-        others = [p for p, _ in consumers if g.names[p] not in MASKED_SOFTMAXES]
+        softmaxes = {p for p, _ in consumers if (self.entries[p] or _NONE).family == "softmax"}
+        others = [p for p, _ in consumers if p not in softmaxes]
         if not consumers or others:
             who = g.describe(others[0]) if others else "no node of the graph"
             raise ValueRecoveryError(f"{head}, but {who} reads it. {advice}")
         mask = self.read_saved(j, "_saved_mask")
         for p, _ in consumers:
             s = self.read_saved(p, "_saved_result")
-            empty = torch.isneginf(s) if g.names[p] == "LogSoftmaxBackward0" else s == 0
+            log = not self.entries[p].probabilities  # a log-softmax: -inf where the mask applies
+            empty = torch.isneginf(s) if log else s == 0
             if not bool((empty | ~mask).all()):
-                zero = "-inf (a log-softmax)" if g.names[p] == "LogSoftmaxBackward0" else "0"
+                zero = "-inf (a log-softmax)" if log else "0"
                 raise ValueRecoveryError(
                     f"{head}, and the output of {g.describe(p)} is not {zero} everywhere the "
                     f"mask applies: the fill was a finite value the graph does not keep. {advice}"

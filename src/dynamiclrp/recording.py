@@ -36,82 +36,13 @@ from torch.utils._pytree import tree_leaves
 
 from .rules import OP_TABLE
 from .rules.attention import FUSED_SDPA_NODES
-from .rules.contraction import conv_has_bias
-
-
-def _has_unrecorded_input(fn) -> bool:
-    return any(f is None for f, _ in fn.next_functions)
-
-
-def _conv_bias_unrecorded(fn) -> bool:
-    return fn.next_functions[2][0] is None and conv_has_bias(fn)
-
-
-def _norm_bias_unrecorded(fn) -> bool:
-    return fn.next_functions[2][0] is None and getattr(fn, "_saved_weight", None) is not None
-
+from .rules.base import has_unrecorded_input
 
 RESHAPES = {name for name, e in OP_TABLE.items() if e.canonize == "reshape"}
 
-NEEDS_RECORDING = {
-    "AddBackward0": _has_unrecorded_input,
-    "SubBackward0": _has_unrecorded_input,
-    "WhereBackward0": _has_unrecorded_input,
-    "MaskedFillBackward0": lambda fn: True,
-    "MaskedFillBackward1": _has_unrecorded_input,
-    "AddcmulBackward0": lambda fn: (
-        fn.next_functions[0][0] is None
-        or (fn.next_functions[1][0] is None and fn.next_functions[2][0] is None)
-    ),
-    "AddcdivBackward0": lambda fn: (
-        fn.next_functions[0][0] is None
-        or (fn.next_functions[1][0] is None and fn.next_functions[2][0] is None)
-    ),
-    "LerpBackward0": _has_unrecorded_input,
-    # a constant member (an attention sink torch.zeros_like(s[:, :1])) that the node does not save
-    "CatBackward0": _has_unrecorded_input,
-    "StackBackward0": _has_unrecorded_input,
-    "IndexAddBackward0": lambda fn: fn.next_functions[0][0] is None,
-    # scatter / index_put into a constant self: no replay (self is neither recorded nor saved)
-    "ScatterAddBackward0": lambda fn: fn.next_functions[0][0] is None,
-    "ScatterBackward0": lambda fn: fn.next_functions[0][0] is None,
-    "ScatterBackward1": lambda fn: fn.next_functions[0][0] is None,
-    "IndexPutBackward0": lambda fn: fn.next_functions[0][0] is None,
-    # a Python scalar recorded nowhere: c - x, x + c, x - c as unary nodes (no replay)
-    "RsubBackward1": lambda fn: True,
-    "AddBackward1": lambda fn: True,
-    "SubBackward1": lambda fn: True,
-    # an in-place write into a slice (y[:, 0] = v): no replay
-    "CopySlices": lambda fn: True,
-    # as_strided: autograd does not expose the input's geometry, so no replay is safe
-    "AsStridedBackward0": lambda fn: True,
-    "AsStridedBackward0_copy": lambda fn: True,
-    # index_fill with a scalar: the fill value is not saved, no replay
-    "IndexFillBackward0": lambda fn: True,
-    "UnsafeMaskedIndexBackward0": lambda fn: True,  # the fill value is not saved either
-    "AddmmBackward0": lambda fn: fn.next_functions[0][0] is None,
-    "BaddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
-    "ConvolutionBackward0": _conv_bias_unrecorded,
-    "NativeBatchNormBackward0": _norm_bias_unrecorded,
-    "NativeGroupNormBackward0": _norm_bias_unrecorded,
-    # census (issue 14): the added products and batch-norm nodes like addmm's / native's above,
-    # and rsub with an unrecorded operand (recovered from its output)
-    "AddmvBackward0": lambda fn: fn.next_functions[0][0] is None,
-    "AddrBackward0": lambda fn: fn.next_functions[0][0] is None,
-    "AddbmmBackward0": lambda fn: fn.next_functions[0][0] is None,
-    "NativeBatchNormLegitBackward0": _norm_bias_unrecorded,
-    "NativeBatchNormLegitNoTrainingBackward0": _norm_bias_unrecorded,
-    "BatchNormWithUpdateBackward0": _norm_bias_unrecorded,
-    "BatchNormNoUpdateBackward0": _norm_bias_unrecorded,
-    "RsubBackward0": _has_unrecorded_input,
-    # writes of a constant (a tensor that does not require grad) into x: no replay without it
-    "SelectScatterBackward0": _has_unrecorded_input,
-    "SliceScatterBackward0": _has_unrecorded_input,
-    "DiagonalScatterBackward0": _has_unrecorded_input,
-    "MaskedScatterBackward0": _has_unrecorded_input,
-    "IndexFillBackward1": _has_unrecorded_input,
-    "BlockDiagBackward0": _has_unrecorded_input,
-}
+#: node type -> ``fn -> bool``: whether that node's output depends on a constant autograd did not
+#: record (``OpEntry.unrecorded``, stated in the op table), so the recording keeps its result
+NEEDS_RECORDING = {name: e.unrecorded for name, e in OP_TABLE.items() if e.unrecorded is not None}
 
 
 class Recording(TorchFunctionMode):
@@ -274,7 +205,8 @@ def _unrecorded_adds_below(top, stops: set, budget: int = 256) -> list:
         if fn is None or fn in seen or fn in stops:
             continue
         seen.add(fn)
-        if type(fn).__name__ == "AddBackward0" and _has_unrecorded_input(fn):
+        entry = OP_TABLE.get(type(fn).__name__)
+        if entry is not None and entry.sums and has_unrecorded_input(fn):
             found.append(fn)
         stack.extend(f for f, _ in fn.next_functions)
     return found

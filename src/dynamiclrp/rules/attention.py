@@ -227,15 +227,6 @@ def _sdpa_entry() -> OpEntry:
     )
 
 
-#: the nodes of SDPA's fused kernels; its C++ math path records separate ops instead
-FUSED_SDPA_NODES = (
-    "ScaledDotProductFlashAttentionForCpuBackward0",
-    "ScaledDotProductFlashAttentionBackward0",
-    "ScaledDotProductEfficientAttentionBackward0",
-    "ScaledDotProductCudnnAttentionBackward0",
-    "ScaledDotProductFusedAttentionOverrideableBackward0",
-)
-
 TABLE = {
     "SoftmaxBackward0": OpEntry(
         "softmax",
@@ -243,12 +234,14 @@ TABLE = {
         needs_values=True,
         saved_outputs={0: "_saved_result"},
         replay=lambda c: (torch.softmax(c.inputs[0], c.saved("_saved_dim")),),
+        probabilities=True,
     ),
     "SafeSoftmaxBackward0": OpEntry(
         "softmax",
         _softmax,
         needs_values=True,
         saved_outputs={0: "_saved_result"},
+        probabilities=True,
     ),
     "LogSoftmaxBackward0": OpEntry(
         "softmax",
@@ -257,5 +250,13 @@ TABLE = {
         saved_outputs={0: "_saved_result"},
         replay=lambda c: (torch.log_softmax(c.inputs[0], c.saved("_saved_dim")),),
     ),
-    **{n: _sdpa_entry() for n in FUSED_SDPA_NODES},
+    # the fused kernels of scaled_dot_product_attention
+    "ScaledDotProductFlashAttentionForCpuBackward0": _sdpa_entry(),
+    "ScaledDotProductFlashAttentionBackward0": _sdpa_entry(),
+    "ScaledDotProductEfficientAttentionBackward0": _sdpa_entry(),
+    "ScaledDotProductCudnnAttentionBackward0": _sdpa_entry(),
+    "ScaledDotProductFusedAttentionOverrideableBackward0": _sdpa_entry(),
 }
+
+#: the nodes of SDPA's fused kernels; its C++ math path records separate ops instead
+FUSED_SDPA_NODES = tuple(name for name, entry in TABLE.items() if entry.rule is _sdpa)

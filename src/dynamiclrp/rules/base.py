@@ -17,7 +17,7 @@ An :class:`OpEntry` answers, for one autograd node type, everything the engine n
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,10 +67,55 @@ class OpEntry:
     source: bool = False
     """The output is the representation of integer data (an embedding lookup): it counts as data
     when the table it reads from is a requested input."""
+    same_values: bool = False
+    """Each output element is one input element with its value (reshape, permute, expand, clone,
+    cast): looked through when asking which op produced an operand (:meth:`RuleContext.producer`).
+    Every ``rearranges`` entry is one too."""
+    gate: bool = False
+    """An element-wise nonlinearity whose output, multiplied by another data tensor, is a gate
+    that ``Rules.gates = "constant"`` (CP-LRP) holds constant."""
+    probabilities: bool = False
+    """The output is a softmax's probabilities, which ``Rules.attention = "cp"`` holds constant."""
+    fill_unsaved: bool = False
+    """Fills with a value the node does not save (``masked_fill`` with a scalar): before softmaxes
+    that are 0 on the mask it is rebuilt as ``-inf`` (:mod:`dynamiclrp.promises`)."""
+    unrecorded: Callable | None = None
+    """``fn -> bool``: whether this node's output depends on a constant autograd did not record and
+    the node did not save, so that neither a replay nor a rule can rebuild it (a fill value, a
+    tensor without grad added in): :func:`dynamiclrp.record` keeps such results."""
     elementwise: bool = False
     """Each output element depends only on the same-position element of each (broadcast) input:
     ``z[i] = f(a[i], b[i], ...)`` (unary ops, add, sub, mul, div, casts, clone, where).  The plan
     finds element-wise regions of one data tensor from these (:mod:`dynamiclrp.regions`)."""
+
+
+def with_facts(entry: OpEntry, **facts) -> OpEntry:
+    """``entry`` with more of its op's facts filled in (``gate=True``, ``unrecorded=...``)."""
+    return replace(entry, **facts)
+
+
+# --- when a node's output depends on a constant autograd did not record (``OpEntry.unrecorded``)
+
+
+def has_unrecorded_input(fn) -> bool:
+    """Some input is a constant autograd did not record (a tensor without grad, a scalar)."""
+    return any(f is None for f, _ in fn.next_functions)
+
+
+def self_unrecorded(fn) -> bool:
+    """Input 0 (``self``, the tensor written into or added to) is such a constant."""
+    return fn.next_functions[0][0] is None
+
+
+def always_unrecorded(fn) -> bool:
+    """The op's constant is never recorded (a Python scalar, a fill value, a strided view)."""
+    return True
+
+
+def product_term_unrecorded(fn) -> bool:
+    """``self + c * t1 * t2``: ``self``, or both factors, are constants autograd did not record."""
+    nf = fn.next_functions
+    return nf[0][0] is None or (nf[1][0] is None and nf[2][0] is None)
 
 
 _WRAP = 1 << 64
@@ -200,15 +245,18 @@ class RuleContext:
         ``Rules.first`` when this node is a first contraction (nearest to the input)."""
         return self.rules.rule_for(family, tensors, first=self._engine.is_first(self.idx))
 
-    def producer(self, slot: int, through: frozenset[str] = frozenset()) -> str | None:
-        """Type name of the node that produced input ``slot``, looking through nodes whose names
-        are in ``through`` (along their first input); ``None`` for an unrecorded input."""
+    def producer(self, slot: int) -> OpEntry | None:
+        """The op-table entry of the node that produced input ``slot``, looking through nodes that
+        pass values on unchanged (``OpEntry.rearranges`` or ``same_values``: reshapes, permutes,
+        expands, clones, casts) along their first input; ``None`` for an unrecorded input or a
+        node without an entry."""
         g = self._engine.graph
+        entries = self._engine.plan.entries
         e = g.children[self.idx][slot]
         while e is not None:
-            name = g.names[e[0]]
-            if name not in through:
-                return name
+            entry = entries[e[0]]
+            if entry is None or not (entry.rearranges or entry.same_values):
+                return entry
             kids = g.children[e[0]]
             e = kids[0] if kids else None
         return None
@@ -249,51 +297,6 @@ class RuleContext:
         with, or of the contraction this batch norm merges into (paired by the plan); else
         ``None``.  The rules still check that the batch norm is in eval mode."""
         return self._engine.partner(self.idx)
-
-
-#: Nodes that reshape, reorder, copy or cast a tensor without changing its values: looked through
-#: when asking which op produced an operand (:meth:`RuleContext.producer`).
-PASS_THROUGH = frozenset(
-    {
-        "ViewBackward0",
-        "UnsafeViewBackward0",
-        "ReshapeAliasBackward0",
-        "AliasBackward0",
-        "ExpandBackward0",
-        "TransposeBackward0",
-        "TransposeBackward1",
-        "TBackward0",
-        "PermuteBackward0",
-        "SqueezeBackward0",
-        "SqueezeBackward1",
-        "SqueezeBackward2",
-        "UnsqueezeBackward0",
-        "CloneBackward0",
-        "ToCopyBackward0",
-    }
-)
-
-#: Softmax nodes: their output is the attention probabilities that ``Rules.attention = "cp"``
-#: holds constant.
-SOFTMAX = frozenset({"SoftmaxBackward0", "SafeSoftmaxBackward0"})
-
-#: Element-wise nonlinearities whose output, multiplied by another data tensor, is a gate that
-#: ``Rules.gates = "constant"`` holds constant.
-ACTIVATIONS = frozenset(
-    {
-        "SiluBackward0",
-        "GeluBackward0",
-        "SigmoidBackward0",
-        "TanhBackward0",
-        "ReluBackward0",
-        "MishBackward0",
-        "EluBackward0",
-        "LeakyReluBackward0",
-        "SoftplusBackward0",
-        "HardswishBackward0",
-        "HardsigmoidBackward0",
-    }
-)
 
 
 def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:

@@ -25,13 +25,13 @@ import torch
 from torch import Tensor
 
 from .base import (
-    PASS_THROUGH,
-    SOFTMAX,
     OpEntry,
     RuleContext,
     frozen_bias,
     saved,
+    self_unrecorded,
     sum_to_shape,
+    with_facts,
 )
 from .elementwise import _output_or_explain, split_sum
 from .linear import (
@@ -135,6 +135,9 @@ def contract(
     return outs
 
 
+_NO_ENTRY = OpEntry("", None)
+
+
 def _has_infinity(t: Tensor) -> bool:
     """Whether ``t`` may hold an infinity (always ``True`` off the CPU, where the test would
     synchronise)."""
@@ -146,7 +149,7 @@ def _attention_probabilities(ctx: RuleContext, slots: tuple[int, int]) -> int | 
     reshapes and casts), held constant by CP-LRP; ``None`` otherwise."""
     if ctx.rules.attention != "cp":
         return None
-    held = [s for s in slots if ctx.producer(s, PASS_THROUGH) in SOFTMAX]
+    held = [s for s in slots if (ctx.producer(s) or _NO_ENTRY).probabilities]
     return held[0] if len(held) == 1 else None
 
 
@@ -171,6 +174,11 @@ def _addmm_bias(ctx: RuleContext, a, b, m):
     beta = getattr(ctx.fn, "_saved_beta", 1)
     v = ctx.input_value(0)
     return (v if beta == 1 else beta * v).expand(ctx.r.shape)
+
+
+def conv_bias_unrecorded(fn) -> bool:
+    """A convolution whose bias does not require grad (``OpEntry.unrecorded``)."""
+    return fn.next_functions[2][0] is None and conv_has_bias(fn)
 
 
 def conv_has_bias(fn) -> bool:
@@ -390,8 +398,12 @@ TABLE = {
     "BmmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
     "MvBackward0": _product(_mv_rule, "_saved_self", "_saved_vec"),
     "DotBackward0": _product(_dot_rule, "_saved_self", "_saved_tensor"),
-    "AddmmBackward0": _added_product("_saved_mat1", "_saved_mat2", "contraction"),
-    "BaddbmmBackward0": _added_product("_saved_batch1", "_saved_batch2"),
+    "AddmmBackward0": with_facts(
+        _added_product("_saved_mat1", "_saved_mat2", "contraction"), unrecorded=self_unrecorded
+    ),
+    "BaddbmmBackward0": with_facts(
+        _added_product("_saved_batch1", "_saved_batch2"), unrecorded=self_unrecorded
+    ),
     "ConvolutionBackward0": OpEntry(
         "contraction",
         _conv_rule,
@@ -401,11 +413,18 @@ TABLE = {
         operands=(0, 1),
         canonize="contraction",
         fuses_bias=True,
+        unrecorded=conv_bias_unrecorded,
     ),
     # --- census (issue 14)
-    "AddmvBackward0": _added(_mv_map, "_saved_mat", "_saved_vec"),
-    "AddrBackward0": _added(_outer_map, "_saved_vec1", "_saved_vec2"),
-    "AddbmmBackward0": _added(_summed_bmm_map, "_saved_batch1", "_saved_batch2"),
+    "AddmvBackward0": with_facts(
+        _added(_mv_map, "_saved_mat", "_saved_vec"), unrecorded=self_unrecorded
+    ),
+    "AddrBackward0": with_facts(
+        _added(_outer_map, "_saved_vec1", "_saved_vec2"), unrecorded=self_unrecorded
+    ),
+    "AddbmmBackward0": with_facts(
+        _added(_summed_bmm_map, "_saved_batch1", "_saved_batch2"), unrecorded=self_unrecorded
+    ),
     "VdotBackward0": _product(_dot_rule, "_saved_self", "_saved_other"),
     "LinalgCrossBackward0": OpEntry(
         "contraction",

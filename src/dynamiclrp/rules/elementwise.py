@@ -43,15 +43,19 @@ from torch import Tensor
 
 from ..errors import ValueRecoveryError
 from .base import (
-    ACTIVATIONS,
-    PASS_THROUGH,
     OpEntry,
     ReplayContext,
     RuleContext,
+    always_unrecorded,
+    has_unrecorded_input,
+    product_term_unrecorded,
     saved,
     sum_to_shape,
+    with_facts,
 )
 from .linear import fits, safe_divide
+
+_NO_ENTRY = OpEntry("", None)
 
 
 def identity(ctx: RuleContext):
@@ -307,8 +311,7 @@ def _product_shares(
             gates = [
                 s
                 for s in receivers
-                if (gate_slots is None or s in gate_slots)
-                and ctx.producer(s, PASS_THROUGH) in ACTIVATIONS
+                if (gate_slots is None or s in gate_slots) and (ctx.producer(s) or _NO_ENTRY).gate
             ]
             if len(gates) == 1 and math.prod(ctx.input_shape(gates[0])) == n_out:
                 receivers = [s for s in receivers if s != gates[0]]
@@ -476,6 +479,7 @@ TABLE = {
         sums=True,
         replay=_add_replay(1.0),
         elementwise=True,
+        unrecorded=has_unrecorded_input,
     ),
     "SubBackward0": OpEntry(
         "elementwise-binary",
@@ -485,6 +489,7 @@ TABLE = {
         sums=True,
         replay=_add_replay(-1.0),
         elementwise=True,
+        unrecorded=has_unrecorded_input,
     ),
     "MulBackward0": OpEntry(
         "elementwise-binary",
@@ -505,9 +510,9 @@ TABLE = {
         elementwise=True,
     ),
     # a Python scalar operand: an element-wise map of one tensor
-    "AddBackward1": _unary(),
-    "SubBackward1": _unary(),
-    "RsubBackward1": _unary(),
+    "AddBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
+    "SubBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
+    "RsubBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
     "MulBackward1": _unary(
         lambda c: (c.inputs[0] * c.saved("_saved_other"),),
         coefficient=lambda fn, slot: float(fn._saved_other),
@@ -517,35 +522,45 @@ TABLE = {
         coefficient=lambda fn, slot: 1.0 / float(fn._saved_other),
     ),
     "NegBackward0": _unary(lambda c: (-c.inputs[0],), coefficient=lambda fn, slot: -1.0),
-    "ReluBackward0": _result_op(lambda c: (torch.relu(c.inputs[0]),)),
-    "SigmoidBackward0": _result_op(lambda c: (torch.sigmoid(c.inputs[0]),)),
-    "TanhBackward0": _result_op(lambda c: (torch.tanh(c.inputs[0]),)),
+    "ReluBackward0": with_facts(_result_op(lambda c: (torch.relu(c.inputs[0]),)), gate=True),
+    "SigmoidBackward0": with_facts(_result_op(lambda c: (torch.sigmoid(c.inputs[0]),)), gate=True),
+    "TanhBackward0": with_facts(_result_op(lambda c: (torch.tanh(c.inputs[0]),)), gate=True),
     "ExpBackward0": _result_op(lambda c: (torch.exp(c.inputs[0]),)),
     "SqrtBackward0": _result_op(lambda c: (torch.sqrt(c.inputs[0]),)),
     "RsqrtBackward0": _result_op(lambda c: (torch.rsqrt(c.inputs[0]),)),
     "ReciprocalBackward0": _result_op(lambda c: (torch.reciprocal(c.inputs[0]),)),
-    "GeluBackward0": _self_op(lambda c, x: F.gelu(x, approximate=c.saved("_saved_approximate"))),
-    "SiluBackward0": _self_op(lambda c, x: F.silu(x)),
-    "MishBackward0": _self_op(lambda c, x: F.mish(x)),
-    "HardswishBackward0": _self_op(lambda c, x: F.hardswish(x)),
-    "HardsigmoidBackward0": _self_op(lambda c, x: F.hardsigmoid(x)),
+    "GeluBackward0": with_facts(
+        _self_op(lambda c, x: F.gelu(x, approximate=c.saved("_saved_approximate"))), gate=True
+    ),
+    "SiluBackward0": with_facts(_self_op(lambda c, x: F.silu(x)), gate=True),
+    "MishBackward0": with_facts(_self_op(lambda c, x: F.mish(x)), gate=True),
+    "HardswishBackward0": with_facts(_self_op(lambda c, x: F.hardswish(x)), gate=True),
+    "HardsigmoidBackward0": with_facts(_self_op(lambda c, x: F.hardsigmoid(x)), gate=True),
     "ErfBackward0": _self_op(lambda c, x: torch.erf(x)),
     "LogBackward0": _self_op(lambda c, x: torch.log(x)),
     "AbsBackward0": _self_op(lambda c, x: torch.abs(x)),
     "SinBackward0": _self_op(lambda c, x: torch.sin(x)),
     "CosBackward0": _self_op(lambda c, x: torch.cos(x)),
     "PowBackward0": _self_op(lambda c, x: torch.pow(x, c.saved("_saved_exponent"))),
-    "LeakyReluBackward0": _self_op(lambda c, x: F.leaky_relu(x, c.saved("_saved_negative_slope"))),
-    "EluBackward0": _self_op(
-        lambda c, x: (
-            c.saved("_saved_scale")
-            * torch.where(
-                x > 0, x, c.saved("_saved_alpha") * torch.expm1(x * c.saved("_saved_input_scale"))
-            )
-        )
+    "LeakyReluBackward0": with_facts(
+        _self_op(lambda c, x: F.leaky_relu(x, c.saved("_saved_negative_slope"))), gate=True
     ),
-    "SoftplusBackward0": _self_op(
-        lambda c, x: F.softplus(x, c.saved("_saved_beta"), c.saved("_saved_threshold"))
+    "EluBackward0": with_facts(
+        _self_op(
+            lambda c, x: (
+                c.saved("_saved_scale")
+                * torch.where(
+                    x > 0,
+                    x,
+                    c.saved("_saved_alpha") * torch.expm1(x * c.saved("_saved_input_scale")),
+                )
+            )
+        ),
+        gate=True,
+    ),
+    "SoftplusBackward0": with_facts(
+        _self_op(lambda c, x: F.softplus(x, c.saved("_saved_beta"), c.saved("_saved_threshold"))),
+        gate=True,
     ),
     "ClampBackward1": _self_op(
         lambda c, x: torch.clamp(x, c.saved("_saved_min"), c.saved("_saved_max"))
@@ -572,6 +587,7 @@ TABLE = {
         factors=(1, 2),
         replay=lambda c: (torch.addcmul(*c.inputs, value=c.saved("_saved_value")),),
         elementwise=True,
+        unrecorded=product_term_unrecorded,
     ),
     "AddcdivBackward0": OpEntry(
         "elementwise-binary",
@@ -581,6 +597,7 @@ TABLE = {
         factors=(1, 2),
         replay=lambda c: (torch.addcdiv(*c.inputs, value=c.saved("_saved_value")),),
         elementwise=True,
+        unrecorded=product_term_unrecorded,
     ),
     "LerpBackward0": OpEntry(
         "elementwise-binary",
@@ -588,6 +605,7 @@ TABLE = {
         needs_values=True,
         replay=lambda c: (torch.lerp(*c.inputs, c.saved("_saved_weight")),),
         elementwise=True,
+        unrecorded=has_unrecorded_input,
     ),
     "LerpBackward1": OpEntry(
         "elementwise-binary",
@@ -700,5 +718,6 @@ TABLE = {
         _rsub_rule,
         needs_values=True,
         replay=lambda c: (c.inputs[1] - _alpha(c) * c.inputs[0],),
+        unrecorded=has_unrecorded_input,
     ),
 }

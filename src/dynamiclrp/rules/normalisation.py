@@ -19,6 +19,11 @@ from .base import OpEntry, RuleContext, frozen_bias, sum_to_shape
 from .linear import safe_divide
 
 
+def norm_bias_unrecorded(fn) -> bool:
+    """A norm with an affine weight whose bias does not require grad (``OpEntry.unrecorded``)."""
+    return fn.next_functions[2][0] is None and getattr(fn, "_saved_weight", None) is not None
+
+
 def _bias_out(ctx: RuleContext, slot: int, rb, per_channel: bool = False):
     """The bias's share, summed to the bias's shape (per channel = dimension 1 for batch/group norm)."""
     if rb is None or ctx.fn.next_functions[slot][0] is None:
@@ -283,6 +288,7 @@ TABLE = {
         _group_norm,
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_gn_replay,
+        unrecorded=norm_bias_unrecorded,
     ),
     "NativeBatchNormBackward0": OpEntry(
         "normalisation",
@@ -290,6 +296,7 @@ TABLE = {
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_bn_replay,
         canonize="batchnorm",
+        unrecorded=norm_bias_unrecorded,
     ),
     "CudnnBatchNormBackward0": OpEntry(
         "normalisation",
@@ -305,6 +312,7 @@ TABLE = {
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_bn_replay,
         canonize="batchnorm",
+        unrecorded=norm_bias_unrecorded,
     ),
     "NativeBatchNormLegitNoTrainingBackward0": OpEntry(
         "normalisation",
@@ -312,6 +320,7 @@ TABLE = {
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_bn_replay,
         canonize="batchnorm",
+        unrecorded=norm_bias_unrecorded,
     ),
     "BatchNormWithUpdateBackward0": OpEntry(
         "normalisation",
@@ -319,6 +328,7 @@ TABLE = {
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_bn_replay,
         canonize="batchnorm",
+        unrecorded=norm_bias_unrecorded,
     ),
     "BatchNormNoUpdateBackward0": OpEntry(
         "normalisation",
@@ -326,5 +336,6 @@ TABLE = {
         saved_inputs={0: "_saved_input", 1: "_saved_weight"},
         replay=_bn_replay,
         canonize="batchnorm",
+        unrecorded=norm_bias_unrecorded,
     ),
 }

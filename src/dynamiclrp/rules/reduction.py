@@ -136,19 +136,13 @@ def _upsample(op, scales: tuple[str, ...]):
 
 
 _HW = ("scales_h", "scales_w")
-_UPSAMPLE = {
-    "UpsampleLinear1DBackward0": (torch.ops.aten.upsample_linear1d.default, ("scales",)),
-    "UpsampleBilinear2DBackward0": (torch.ops.aten.upsample_bilinear2d.default, _HW),
-    "UpsampleTrilinear3DBackward0": (
-        torch.ops.aten.upsample_trilinear3d.default,
-        ("scales_d", *_HW),
-    ),
-    "UpsampleBilinear2DAaBackward0": (torch.ops.aten._upsample_bilinear2d_aa.default, _HW),
-}
-_UPSAMPLE_SIGNED = {
-    "UpsampleBicubic2DBackward0": (torch.ops.aten.upsample_bicubic2d.default, _HW),
-    "UpsampleBicubic2DAaBackward0": (torch.ops.aten._upsample_bicubic2d_aa.default, _HW),
-}
+
+
+def _upsample_entry(op, scales: tuple[str, ...], signed: bool = False) -> OpEntry:
+    """Interpolation by the aten op ``op``: non-negative coefficients (``Rules.reduction``), or of
+    either sign (bicubic: always the signed form, :func:`signed_linear_map`)."""
+    forward = _upsample(op, scales)
+    return _entry(forward, saved_self=False, rule=signed_linear_map(forward) if signed else None)
 
 
 def _entry(forward, saved_self: bool, rule=None) -> OpEntry:
@@ -493,9 +487,21 @@ TABLE = {
         saved_self=True,
         rule=signed_linear_map(_nll(torch.ops.aten.nll_loss2d.default)),
     ),
+    # interpolation: linear maps with the coefficients of the aten op autograd recorded
+    "UpsampleLinear1DBackward0": _upsample_entry(
+        torch.ops.aten.upsample_linear1d.default, ("scales",)
+    ),
+    "UpsampleBilinear2DBackward0": _upsample_entry(torch.ops.aten.upsample_bilinear2d.default, _HW),
+    "UpsampleTrilinear3DBackward0": _upsample_entry(
+        torch.ops.aten.upsample_trilinear3d.default, ("scales_d", *_HW)
+    ),
+    "UpsampleBilinear2DAaBackward0": _upsample_entry(
+        torch.ops.aten._upsample_bilinear2d_aa.default, _HW
+    ),
+    "UpsampleBicubic2DBackward0": _upsample_entry(
+        torch.ops.aten.upsample_bicubic2d.default, _HW, signed=True
+    ),
+    "UpsampleBicubic2DAaBackward0": _upsample_entry(
+        torch.ops.aten._upsample_bicubic2d_aa.default, _HW, signed=True
+    ),
 }
-for _name, (_op, _scales) in _UPSAMPLE.items():
-    TABLE[_name] = _entry(_upsample(_op, _scales), saved_self=False)
-for _name, (_op, _scales) in _UPSAMPLE_SIGNED.items():
-    _forward = _upsample(_op, _scales)
-    TABLE[_name] = _entry(_forward, saved_self=False, rule=signed_linear_map(_forward))

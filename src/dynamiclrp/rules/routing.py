@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import OpEntry, ReplayContext, RuleContext
+from .base import (
+    OpEntry,
+    ReplayContext,
+    RuleContext,
+    always_unrecorded,
+    has_unrecorded_input,
+    with_facts,
+)
 
 
 def route_like_gradient(ctx: RuleContext):
@@ -292,21 +299,18 @@ def _winner(pick):
 
 TABLE = {
     # pure reshapes: replay = reshape to the recorded output shape
-    **{  # reshapes the plan may look through (bias-add fusion)
-        n: _routing(_reshape, canonize="reshape", rearranges=True)
-        for n in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0")
-    },
-    **{
-        n: _routing(_reshape, rearranges=True)
-        for n in (
-            "AliasBackward0",
-            "SqueezeBackward0",
-            "SqueezeBackward1",
-            "SqueezeBackward2",
-            "UnsqueezeBackward0",
-        )
-    },
-    "ExpandBackward0": _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)),
+    # reshapes the plan may look through (bias-add fusion)
+    "ViewBackward0": _routing(_reshape, canonize="reshape", rearranges=True),
+    "ReshapeAliasBackward0": _routing(_reshape, canonize="reshape", rearranges=True),
+    "UnsafeViewBackward0": _routing(_reshape, canonize="reshape", rearranges=True),
+    "AliasBackward0": _routing(_reshape, rearranges=True),
+    "SqueezeBackward0": _routing(_reshape, rearranges=True),
+    "SqueezeBackward1": _routing(_reshape, rearranges=True),
+    "SqueezeBackward2": _routing(_reshape, rearranges=True),
+    "UnsqueezeBackward0": _routing(_reshape, rearranges=True),
+    "ExpandBackward0": with_facts(
+        _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)), same_values=True
+    ),
     "TransposeBackward0": _routing(
         lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),),
         rearranges=True,
@@ -336,15 +340,23 @@ TABLE = {
         lambda c: (torch.gather(c.inputs[0], c.saved("_saved_dim"), c.saved("_saved_index")),),
         saved_inputs={0: "_saved_self"},
     ),
-    "CatBackward0": _routing(lambda c: (torch.cat(c.inputs, c.saved("_saved_dim")),)),
-    "StackBackward0": _routing(lambda c: (torch.stack(c.inputs, c.saved("_saved_dim")),)),
+    "CatBackward0": with_facts(
+        _routing(lambda c: (torch.cat(c.inputs, c.saved("_saved_dim")),)),
+        unrecorded=has_unrecorded_input,
+    ),
+    "StackBackward0": with_facts(
+        _routing(lambda c: (torch.stack(c.inputs, c.saved("_saved_dim")),)),
+        unrecorded=has_unrecorded_input,
+    ),
     "SplitBackward0": _routing(_split),
     "SplitWithSizesBackward0": _routing(_split),
     "UnsafeSplitBackward0": _routing(_split),
     "UnbindBackward0": _routing(lambda c: torch.unbind(c.inputs[0], c.saved("_saved_dim"))),
     # element-wise: each output element is the same-position input element (regions.py)
     "CloneBackward0": _routing(lambda c: (c.inputs[0],), rearranges=True, elementwise=True),
-    "ToCopyBackward0": _routing(lambda c: (c.inputs[0].to(c.out_dtype()),), elementwise=True),
+    "ToCopyBackward0": with_facts(
+        _routing(lambda c: (c.inputs[0].to(c.out_dtype()),), elementwise=True), same_values=True
+    ),
     "ConstantPadNdBackward0": _routing(
         lambda c: (torch.nn.functional.pad(c.inputs[0], c.saved("_saved_pad")),)
     ),
@@ -364,13 +376,22 @@ TABLE = {
     ),
     # the fill value is not saved: replayed as -inf, only where PromiseResolver has checked that
     # every consumer is a softmax whose output is 0 on the mask (promises._check_masked_softmax)
-    "MaskedFillBackward0": _routing(
-        lambda c: (c.inputs[0].masked_fill(c.saved("_saved_mask"), float("-inf")),),
-        elementwise=True,
+    "MaskedFillBackward0": with_facts(
+        with_facts(
+            _routing(
+                lambda c: (c.inputs[0].masked_fill(c.saved("_saved_mask"), float("-inf")),),
+                elementwise=True,
+            ),
+            unrecorded=always_unrecorded,
+        ),
+        fill_unsaved=True,
     ),
-    "WhereBackward0": _routing(
-        lambda c: (torch.where(c.saved("_saved_condition"), c.inputs[0], c.inputs[1]),),
-        elementwise=True,
+    "WhereBackward0": with_facts(
+        _routing(
+            lambda c: (torch.where(c.saved("_saved_condition"), c.inputs[0], c.inputs[1]),),
+            elementwise=True,
+        ),
+        unrecorded=has_unrecorded_input,
     ),
     "TrilBackward0": _routing(lambda c: (c.inputs[0].tril(c.saved("_saved_diagonal")),)),
     "TriuBackward0": _routing(lambda c: (c.inputs[0].triu(c.saved("_saved_diagonal")),)),
@@ -381,12 +402,12 @@ TABLE = {
             ),
         )
     ),
-    "CopySlices": OpEntry("routing", _copy_slices, rearranges=False),
+    "CopySlices": OpEntry("routing", _copy_slices, rearranges=False, unrecorded=always_unrecorded),
     # register_full_backward_hook: an identity on each input; calling the node would fire the hook
     "BackwardHookFunctionBackward": OpEntry(
         "routing", lambda c: tuple(c.relevance), replay=lambda c: tuple(c.inputs)
     ),
-    "AsStridedBackward0": _routing(),
+    "AsStridedBackward0": with_facts(_routing(), unrecorded=always_unrecorded),
     "AsStridedBackward1": _routing(),
     "UnfoldBackward0": _routing(
         lambda c: (
@@ -420,11 +441,12 @@ TABLE = {
         replay=lambda c: (torch.nn.functional.embedding(c.saved("_saved_indices"), c.inputs[0]),),
         source=True,
     ),
-    **{
-        f"UpsampleNearest{exact}{d}DBackward0": _nearest(d, exact)
-        for d in (1, 2, 3)
-        for exact in ("", "Exact")
-    },
+    "UpsampleNearest1DBackward0": _nearest(1, ""),
+    "UpsampleNearest2DBackward0": _nearest(2, ""),
+    "UpsampleNearest3DBackward0": _nearest(3, ""),
+    "UpsampleNearestExact1DBackward0": _nearest(1, "Exact"),
+    "UpsampleNearestExact2DBackward0": _nearest(2, "Exact"),
+    "UpsampleNearestExact3DBackward0": _nearest(3, "Exact"),
     # --- census (issue 14): node types routed like their gradient, found by benchmarks/census.py
     # the *_copy twins of views (torch.view_copy, permute_copy, ...: a view then a clone)
     "ViewBackward0_copy": _routing(_reshape, rearranges=True),
@@ -433,7 +455,9 @@ TABLE = {
     "SqueezeBackward1_copy": _routing(_reshape, rearranges=True),
     "SqueezeBackward2_copy": _routing(_reshape, rearranges=True),
     "UnsqueezeBackward0_copy": _routing(_reshape, rearranges=True),
-    "ExpandBackward0_copy": _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)),
+    "ExpandBackward0_copy": with_facts(
+        _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)), same_values=True
+    ),
     "TransposeBackward0_copy": _routing(
         lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),),
         rearranges=True,
@@ -486,7 +510,9 @@ TABLE = {
             ),
         )
     ),
-    "BlockDiagBackward0": _routing(lambda c: (torch.block_diag(*c.inputs),)),
+    "BlockDiagBackward0": with_facts(
+        _routing(lambda c: (torch.block_diag(*c.inputs),)), unrecorded=has_unrecorded_input
+    ),
     "MaskedSelectBackward0": _routing(
         lambda c: (torch.masked_select(c.inputs[0], c.saved("_saved_mask")),),
         saved_inputs={0: "_saved_self"},
@@ -495,38 +521,48 @@ TABLE = {
         lambda c: (torch.take(c.inputs[0], c.saved("_saved_index")),),
         saved_inputs={0: "_saved_self"},
     ),
-    "SelectScatterBackward0": _routing(
-        lambda c: (
-            torch.select_scatter(
-                c.inputs[0], c.inputs[1], c.saved("_saved_dim"), c.saved("_saved_index")
-            ),
-        )
+    "SelectScatterBackward0": with_facts(
+        _routing(
+            lambda c: (
+                torch.select_scatter(
+                    c.inputs[0], c.inputs[1], c.saved("_saved_dim"), c.saved("_saved_index")
+                ),
+            )
+        ),
+        unrecorded=has_unrecorded_input,
     ),
-    "SliceScatterBackward0": _routing(
-        lambda c: (
-            torch.slice_scatter(
-                c.inputs[0],
-                c.inputs[1],
-                c.saved("_saved_dim"),
-                c.saved("_saved_start"),
-                c.saved("_saved_end"),
-                c.saved("_saved_step"),
-            ),
-        )
+    "SliceScatterBackward0": with_facts(
+        _routing(
+            lambda c: (
+                torch.slice_scatter(
+                    c.inputs[0],
+                    c.inputs[1],
+                    c.saved("_saved_dim"),
+                    c.saved("_saved_start"),
+                    c.saved("_saved_end"),
+                    c.saved("_saved_step"),
+                ),
+            )
+        ),
+        unrecorded=has_unrecorded_input,
     ),
-    "DiagonalScatterBackward0": _routing(
-        lambda c: (
-            torch.diagonal_scatter(
-                c.inputs[0],
-                c.inputs[1],
-                c.saved("_saved_offset"),
-                c.saved("_saved_dim1"),
-                c.saved("_saved_dim2"),
-            ),
-        )
+    "DiagonalScatterBackward0": with_facts(
+        _routing(
+            lambda c: (
+                torch.diagonal_scatter(
+                    c.inputs[0],
+                    c.inputs[1],
+                    c.saved("_saved_offset"),
+                    c.saved("_saved_dim1"),
+                    c.saved("_saved_dim2"),
+                ),
+            )
+        ),
+        unrecorded=has_unrecorded_input,
     ),
-    "MaskedScatterBackward0": _routing(
-        lambda c: (c.inputs[0].masked_scatter(c.saved("_saved_mask"), c.inputs[1]),)
+    "MaskedScatterBackward0": with_facts(
+        _routing(lambda c: (c.inputs[0].masked_scatter(c.saved("_saved_mask"), c.inputs[1]),)),
+        unrecorded=has_unrecorded_input,
     ),
     # padding: reflection and replication copy input elements into the border
     "ReflectionPad1DBackward0": _routing(_pad("reflect"), saved_inputs={0: "_saved_self"}),
@@ -574,16 +610,24 @@ TABLE = {
         saved_inputs={0: "_saved_self", 1: "_saved_max"},
     ),
     # fills with a value tensor: each output element is x's or the value's
-    "MaskedFillBackward1": _routing(
-        lambda c: (c.inputs[0].masked_fill(c.saved("_saved_mask"), c.inputs[1]),)
+    "MaskedFillBackward1": with_facts(
+        _routing(lambda c: (c.inputs[0].masked_fill(c.saved("_saved_mask"), c.inputs[1]),)),
+        unrecorded=has_unrecorded_input,
     ),
-    "IndexFillBackward0": _routing(),  # the fill value is not saved: no replay
-    "IndexFillBackward1": _routing(
-        lambda c: (
-            c.inputs[0].index_fill(c.saved("_saved_dim"), c.saved("_saved_index"), c.inputs[1]),
-        )
+    "IndexFillBackward0": with_facts(
+        _routing(), unrecorded=always_unrecorded
+    ),  # the fill value is not saved: no replay
+    "IndexFillBackward1": with_facts(
+        _routing(
+            lambda c: (
+                c.inputs[0].index_fill(c.saved("_saved_dim"), c.saved("_saved_index"), c.inputs[1]),
+            )
+        ),
+        unrecorded=has_unrecorded_input,
     ),
-    "AsStridedBackward0_copy": _routing(),  # no replay, as AsStridedBackward0
+    "AsStridedBackward0_copy": with_facts(
+        _routing(), unrecorded=always_unrecorded
+    ),  # no replay, as AsStridedBackward0
     # more max pooling: winner takes all, replayed from the saved input (and indices)
     "AdaptiveMaxPool3DBackward0": _routing(
         _pool_replay(
@@ -595,7 +639,7 @@ TABLE = {
     "FractionalMaxPool3DBackward0": _routing(_pooled_at(3), saved_inputs={0: "_saved_self"}),
     # where(mask, x[indices], fill): each output element is an element of x or the fill value
     # (not saved: no replay, record() keeps the result)
-    "UnsafeMaskedIndexBackward0": _routing(),
+    "UnsafeMaskedIndexBackward0": with_facts(_routing(), unrecorded=always_unrecorded),
     # writes to indexed positions: routing when no two writes meet (else a specific refusal)
     "MaxUnpool2DBackward0": _unpool(2),
     "MaxUnpool3DBackward0": _unpool(3),

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ValueRecoveryError
-from .base import OpEntry, ReplayContext, RuleContext, ratio
+from .base import OpEntry, ReplayContext, RuleContext, ratio, self_unrecorded
 from .contraction import contract
 from .linear import LinearMap, matmul_map, safe_divide
 
@@ -225,5 +225,6 @@ TABLE = {
         needs_values=True,
         saved_inputs={1: "_saved_source"},
         replay=_index_add_replay,
+        unrecorded=self_unrecorded,
     ),
 }

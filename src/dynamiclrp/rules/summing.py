@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UncoveredOpError, ValueRecoveryError
-from .base import OpEntry, ReplayContext, RuleContext, ratio, saved, sum_to_shape
+from .base import OpEntry, ReplayContext, RuleContext, ratio, saved, self_unrecorded, sum_to_shape
 from .elementwise import cancelled
 from .linear import safe_divide
 from .reduction import linear_reduction, signed_linear_map
@@ -246,19 +246,25 @@ def _winner_shares(ctx: RuleContext):
 
 
 def _product_shares(ctx: RuleContext):
-    """prod: ``R / n`` to each of the ``n`` factors of an output element (``self`` where it is
-    included, each ``src`` element scattered there).  No forward value is needed."""
+    """prod: ``R / n`` to each of the ``n`` data factors of an output element (``self`` where it
+    is included, each ``src`` element scattered there); a constant operand is a weight of the
+    product and takes nothing (as for ``x * c``: the product is linear in the data then), except
+    where it is the only factor (it absorbs that ``R``).  No forward value is needed."""
     fn = ctx.fn
     dim, index, include = saved(fn, "_saved_dim"), fn._saved_index, fn._saved_include_self
     r = ctx.r
     ones = torch.ones(index.shape, dtype=r.dtype, device=r.device)
     written = torch.zeros_like(r).scatter_add(dim, index, ones)
     self_in = torch.ones_like(r) if include else (written == 0).to(r.dtype)
-    g = ratio(r, self_in + written)
+    n_self = self_in if ctx.data[0] else torch.zeros_like(self_in)
+    n_src = written if ctx.data[1] else torch.zeros_like(written)
+    alone = (n_self + n_src) == 0  # only constant factors: self takes (absorbs) it
+    self_in = torch.where(alone, self_in, n_self)
+    g = ratio(r, self_in + n_src)
     src_shape = ctx.input_shape(1) if fn.next_functions[1][0] is not None else index.shape
     g_src = torch.zeros(src_shape, dtype=r.dtype, device=r.device)
     g_src[tuple(slice(0, k) for k in index.shape)] = g.gather(dim, index)
-    return [self_in * g, g_src]
+    return [self_in * g, g_src if ctx.data[1] else None]
 
 
 # --- index_put ------------------------------------------------------------------------------------
@@ -429,10 +435,18 @@ def _unfold_replay(c: ReplayContext):
 
 TABLE = {
     "ScatterAddBackward0": OpEntry(
-        "reduction", scatter_add_rule, needs_values=True, replay=_scatter_add_replay
+        "reduction",
+        scatter_add_rule,
+        needs_values=True,
+        replay=_scatter_add_replay,
+        unrecorded=self_unrecorded,
     ),
-    "ScatterBackward0": OpEntry("routing", scatter_rule, replay=_scatter_replay),
-    "ScatterBackward1": OpEntry("routing", scatter_rule, replay=_scatter_replay),
+    "ScatterBackward0": OpEntry(
+        "routing", scatter_rule, replay=_scatter_replay, unrecorded=self_unrecorded
+    ),
+    "ScatterBackward1": OpEntry(
+        "routing", scatter_rule, replay=_scatter_replay, unrecorded=self_unrecorded
+    ),
     "ScatterReduceBackward0": OpEntry(
         "reduction",
         scatter_reduce_rule,
@@ -441,7 +455,11 @@ TABLE = {
         replay=lambda c: (_scatter_reduce_forward(c.fn)(c.inputs[0], c.inputs[1]),),
     ),
     "IndexPutBackward0": OpEntry(
-        "reduction", index_put_rule, needs_values=True, replay=_index_put_replay
+        "reduction",
+        index_put_rule,
+        needs_values=True,
+        replay=_index_put_replay,
+        unrecorded=self_unrecorded,
     ),
     "EmbeddingBagBackward0": OpEntry(
         "reduction",
