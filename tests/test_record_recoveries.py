@@ -205,5 +205,7 @@ def test_a_failed_replay_in_a_graph_with_unrecorded_constants_suggests_record():
     assert "record(model)" not in str(plain.value)
     lin.requires_grad_(False)
     out = torch.softmax(torch.nan_to_num(lin(x)), -1)
-    with pytest.raises(ValueRecoveryError, match=r"NanToNumBackward0.*AddmmBackward0.*record\(model\)"):
+    with pytest.raises(
+        ValueRecoveryError, match=r"NanToNumBackward0.*AddmmBackward0.*record\(model\)"
+    ):
         dynamiclrp.explain(out, x, target=0)
