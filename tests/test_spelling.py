@@ -590,7 +590,6 @@ add(
         },
         image_params(),
         x_shape=(2, 3, 6, 6),
-        marks=on("instance-norm-pass", ZENNIT),
     )
 )
 add(
@@ -903,10 +902,6 @@ KNOWN = {
     "dense-conv": (
         "the zennit presets give convolutions and dense layers different rules; a convolution "
         "written as patches @ kernel is a dense layer"
-    ),
-    "instance-norm-pass": (
-        "instance_norm is recorded as NativeBatchNormBackward0 on a (1, N*C, ...) view, and "
-        "Rules.batchnorm='pass' (zennit presets) passes it while group norm gets the epsilon rule"
     ),
     "norm-proportional": (
         "the layer-norm rule is the epsilon rule on the centred map in every preset, while "

@@ -67,7 +67,9 @@ class Rules:
         contraction in between (Zennit's first layer, found from the graph).  Overrides win.
     batchnorm:
         ``"epsilon"``: the epsilon rule on batch norm's affine map; ``"pass"``: relevance passes
-        through unchanged (Zennit's ``Pass``).
+        through an eval-mode batch norm unchanged (Zennit's ``Pass``).  A batch norm with batch
+        statistics (training mode, and ``instance_norm``, which runs as one) is a normaliser like
+        group norm and keeps the epsilon rule on its centred map either way.
     canonize_batchnorm:
         Merge an eval-mode batch norm into the convolution or linear layer that feeds only it:
         the pair is one affine contraction ``w * s``, ``(b - mean) * s + beta``,

@@ -160,7 +160,8 @@ def batchnorm_affine(ctx: RuleContext):
 
 def _batch_norm(ctx: RuleContext):
     fn = ctx.fn
-    if ctx.rules.batchnorm == "pass" or (ctx.partner() is not None and not _training(fn)):
+    passes = ctx.rules.batchnorm == "pass" or ctx.partner() is not None
+    if passes and not _training(fn):  # batch statistics (instance norm): a normaliser, below
         if ctx.wanted[1] and fn._saved_weight is not None:  # the weight read from its side
             x = ctx.input_value(0)
             y = ctx.output_value(0)
