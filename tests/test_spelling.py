@@ -342,7 +342,6 @@ add(
             "reordered": two(lambda a, b: b * (torch.sigmoid(a) * a)),
         },
         two_params,
-        marks=on("cp-gate", ["cp-lrp"]),
     )
 )
 add(
@@ -911,10 +910,6 @@ KNOWN = {
         "the first-layer rules without an x factor (Flat) or with input bounds (ZBox) count the "
         "zeros of F.pad as input positions (they take relevance, absorbed by the pad); padding "
         "inside the convolution is outside the receptive field"
-    ),
-    "cp-gate": (
-        "CP-LRP's constant gate is recognised by the producer's node name (ACTIVATIONS): "
-        "a written-out a * sigmoid(a) is a join of MulBackward0, not SiluBackward0"
     ),
 }
 

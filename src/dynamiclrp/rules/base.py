@@ -245,21 +245,35 @@ class RuleContext:
         ``Rules.first`` when this node is a first contraction (nearest to the input)."""
         return self.rules.rule_for(family, tensors, first=self._engine.is_first(self.idx))
 
-    def producer(self, slot: int) -> OpEntry | None:
-        """The op-table entry of the node that produced input ``slot``, looking through nodes that
-        pass values on unchanged (``OpEntry.rearranges`` or ``same_values``: reshapes, permutes,
-        expands, clones, casts) along their first input; ``None`` for an unrecorded input or a
-        node without an entry."""
+    def producer_node(self, slot: int) -> int | None:
+        """The node that produced input ``slot``, looking through nodes that pass values on
+        unchanged (``OpEntry.rearranges`` or ``same_values``: reshapes, permutes, expands, clones,
+        casts) along their first input; ``None`` for an unrecorded input."""
         g = self._engine.graph
         entries = self._engine.plan.entries
         e = g.children[self.idx][slot]
         while e is not None:
             entry = entries[e[0]]
             if entry is None or not (entry.rearranges or entry.same_values):
-                return entry
+                return e[0]
             kids = g.children[e[0]]
             e = kids[0] if kids else None
         return None
+
+    def producer(self, slot: int) -> OpEntry | None:
+        """The op-table entry of :meth:`producer_node` (``None``: unrecorded or no entry)."""
+        node = self.producer_node(slot)
+        return None if node is None else self._engine.plan.entries[node]
+
+    def is_activation(self, slot: int) -> bool:
+        """Whether input ``slot`` is the output of an element-wise nonlinearity of one tensor: an
+        op flagged ``OpEntry.gate`` (silu, gelu, sigmoid, ...) or the join of an element-wise
+        region (``x * sigmoid(x)`` written out, :mod:`dynamiclrp.regions`)."""
+        node = self.producer_node(slot)
+        if node is None:
+            return False
+        entry = self._engine.plan.entries[node]
+        return (entry is not None and entry.gate) or node in self._engine.plan.joins
 
     def bias_partner(self) -> RuleContext | None:
         """With ``Rules.canonize_bias``: for a contraction, the context of the add of a constant

@@ -55,9 +55,6 @@ from .base import (
 )
 from .linear import fits, safe_divide
 
-_NO_ENTRY = OpEntry("", None)
-
-
 def identity(ctx: RuleContext):
     """``R_in = R_out``."""
     return (ctx.r,)
@@ -311,7 +308,7 @@ def _product_shares(
             gates = [
                 s
                 for s in receivers
-                if (gate_slots is None or s in gate_slots) and (ctx.producer(s) or _NO_ENTRY).gate
+                if (gate_slots is None or s in gate_slots) and ctx.is_activation(s)
             ]
             if len(gates) == 1 and math.prod(ctx.input_shape(gates[0])) == n_out:
                 receivers = [s for s in receivers if s != gates[0]]
