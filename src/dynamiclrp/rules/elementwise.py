@@ -55,6 +55,7 @@ from .base import (
 )
 from .linear import fits, safe_divide
 
+
 def identity(ctx: RuleContext):
     """``R_in = R_out``."""
     return (ctx.r,)

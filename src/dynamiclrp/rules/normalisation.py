@@ -261,6 +261,19 @@ def _ln_replay(c):
     return ((y if b is None else y + b).to(c.inputs[0].dtype),)
 
 
+def _batch_norm_entry() -> OpEntry:
+    """A batch-norm node (native, cuDNN, and the other native variants: same op, same saved
+    tensors)."""
+    return OpEntry(
+        "normalisation",
+        _batch_norm,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_bn_replay,
+        canonize="batchnorm",
+        unrecorded=norm_bias_unrecorded,
+    )
+
+
 def _weight_norm(ctx: RuleContext):
     """``w = g * v / ||v||``: ``g / ||v||`` is a per-row statistic, so (as for mul by a broadcast
     statistic) all relevance goes to the full-shape ``v``: ``R_v = R_w``, ``R_g = 0``."""
@@ -291,52 +304,11 @@ TABLE = {
         replay=_gn_replay,
         unrecorded=norm_bias_unrecorded,
     ),
-    "NativeBatchNormBackward0": OpEntry(
-        "normalisation",
-        _batch_norm,
-        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-        replay=_bn_replay,
-        canonize="batchnorm",
-        unrecorded=norm_bias_unrecorded,
-    ),
-    "CudnnBatchNormBackward0": OpEntry(
-        "normalisation",
-        _batch_norm,
-        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-        replay=_bn_replay,
-        canonize="batchnorm",
-    ),
+    "NativeBatchNormBackward0": _batch_norm_entry(),
+    "CudnnBatchNormBackward0": _batch_norm_entry(),
     # --- census (issue 14): the other native batch-norm nodes (same op, same saved tensors)
-    "NativeBatchNormLegitBackward0": OpEntry(
-        "normalisation",
-        _batch_norm,
-        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-        replay=_bn_replay,
-        canonize="batchnorm",
-        unrecorded=norm_bias_unrecorded,
-    ),
-    "NativeBatchNormLegitNoTrainingBackward0": OpEntry(
-        "normalisation",
-        _batch_norm,
-        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-        replay=_bn_replay,
-        canonize="batchnorm",
-        unrecorded=norm_bias_unrecorded,
-    ),
-    "BatchNormWithUpdateBackward0": OpEntry(
-        "normalisation",
-        _batch_norm,
-        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-        replay=_bn_replay,
-        canonize="batchnorm",
-        unrecorded=norm_bias_unrecorded,
-    ),
-    "BatchNormNoUpdateBackward0": OpEntry(
-        "normalisation",
-        _batch_norm,
-        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-        replay=_bn_replay,
-        canonize="batchnorm",
-        unrecorded=norm_bias_unrecorded,
-    ),
+    "NativeBatchNormLegitBackward0": _batch_norm_entry(),
+    "NativeBatchNormLegitNoTrainingBackward0": _batch_norm_entry(),
+    "BatchNormWithUpdateBackward0": _batch_norm_entry(),
+    "BatchNormNoUpdateBackward0": _batch_norm_entry(),
 }

@@ -105,6 +105,14 @@ def _reshape(c: ReplayContext):
     return (c.inputs[0].reshape(c.out_shape()),)
 
 
+def _transpose(c: ReplayContext):
+    return (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),)
+
+
+def _expand(c: ReplayContext):
+    return (c.inputs[0].expand(c.out_shape()),)
+
+
 def _slice(c: ReplayContext):
     x = c.inputs[0]
     idx = [slice(None)] * x.dim()
@@ -308,17 +316,9 @@ TABLE = {
     "SqueezeBackward1": _routing(_reshape, rearranges=True),
     "SqueezeBackward2": _routing(_reshape, rearranges=True),
     "UnsqueezeBackward0": _routing(_reshape, rearranges=True),
-    "ExpandBackward0": with_facts(
-        _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)), same_values=True
-    ),
-    "TransposeBackward0": _routing(
-        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),),
-        rearranges=True,
-    ),
-    "TransposeBackward1": _routing(
-        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),),
-        rearranges=True,
-    ),
+    "ExpandBackward0": with_facts(_routing(_expand), same_values=True),
+    "TransposeBackward0": _routing(_transpose, rearranges=True),
+    "TransposeBackward1": _routing(_transpose, rearranges=True),
     "TBackward0": _routing(lambda c: (c.inputs[0].t(),), rearranges=True),
     "PermuteBackward0": _routing(
         lambda c: (c.inputs[0].permute(c.saved("_saved_dims")),), rearranges=True
@@ -455,13 +455,8 @@ TABLE = {
     "SqueezeBackward1_copy": _routing(_reshape, rearranges=True),
     "SqueezeBackward2_copy": _routing(_reshape, rearranges=True),
     "UnsqueezeBackward0_copy": _routing(_reshape, rearranges=True),
-    "ExpandBackward0_copy": with_facts(
-        _routing(lambda c: (c.inputs[0].expand(c.out_shape()),)), same_values=True
-    ),
-    "TransposeBackward0_copy": _routing(
-        lambda c: (c.inputs[0].transpose(c.saved("_saved_dim0"), c.saved("_saved_dim1")),),
-        rearranges=True,
-    ),
+    "ExpandBackward0_copy": with_facts(_routing(_expand), same_values=True),
+    "TransposeBackward0_copy": _routing(_transpose, rearranges=True),
     "TBackward0_copy": _routing(lambda c: (c.inputs[0].t(),), rearranges=True),
     "PermuteBackward0_copy": _routing(
         lambda c: (c.inputs[0].permute(c.saved("_saved_dims")),), rearranges=True
