@@ -147,30 +147,31 @@ def test_an_embedding_whose_table_is_requested_is_data():
     assert torch.allclose(r_table.sum(), half)
 
 
-@pytest.mark.parametrize("kind", ["film", "moe", "squeeze-excitation"])
+@pytest.mark.parametrize("kind", ["film", "moe"])
 def test_a_gate_computed_by_a_layer_of_its_own_shares_uniformly(kind):
     """A broadcast factor is a statistic (takes nothing) only when it is a parameter-free
-    function of the other factor's data; a FiLM scale, a router gate or a squeeze-excitation gate
-    has a layer of its own: the two factors share ``R`` half and half (AttnLRP's uniform rule)."""
+    function of the other factor's data or computed from the other factor itself; a FiLM scale
+    or a router gate is neither: the two factors share ``R`` half and half (AttnLRP)."""
     h = torch.randn(2, 4, 5, requires_grad=True)
     cond = torch.randn(2, 3, requires_grad=True)
     lin = nn.Linear(3, 4)
     if kind == "film":
         gate = lin(cond)[:, :, None]
         inputs = [h, cond]
-    elif kind == "moe":
-        gate = torch.softmax(nn.Linear(5, 1)(h), dim=1)  # (2, 4, 1): a router per token
-        inputs = [h]
-    else:
-        gate = torch.sigmoid(nn.Linear(4, 4)(h.mean(-1)))[:, :, None]
-        inputs = [h]
+    else:  # experts and router both read x; the product is expert(x) * router(x)
+        x = torch.randn(2, 4, 5, requires_grad=True)
+        h = nn.Linear(5, 5)(x)
+        gate = torch.softmax(nn.Linear(5, 1)(x), dim=1)  # (2, 4, 1): a router per token
+        inputs = [x]
     prod = h * gate
     r_gate = dynamiclrp.explain(prod, inputs + [gate], rules=LRP0)[-1]
     total = prod.detach().sum()
     assert torch.allclose(r_gate.sum(), total / 2, rtol=1e-9)
 
 
-@pytest.mark.parametrize("spelling", ["rms", "layer-norm", "layer-norm-twice", "sum-normalise"])
+@pytest.mark.parametrize(
+    "spelling", ["rms", "layer-norm", "layer-norm-twice", "sum-normalise", "squeeze-excitation"]
+)
 def test_a_statistic_of_the_other_factor_takes_nothing(spelling):
     """Norms written out: the broadcast ``rsqrt(var)`` is a parameter-free function of the other
     factor's data, so the full-shape factor takes all of ``R`` (AttnLRP's identity rule)."""
@@ -185,8 +186,10 @@ def test_a_statistic_of_the_other_factor_takes_nothing(spelling):
         mu = h.mean(-1, keepdim=True)
         full = h - mu
         stat = torch.rsqrt(((h - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
-    else:
+    elif spelling == "sum-normalise":
         full, stat = h, 1 / h.abs().sum(-1, keepdim=True)
+    else:  # a gate computed from h itself, through layers: h rescaled by a function of h
+        full, stat = h, torch.sigmoid(nn.Linear(6, 1)(torch.relu(h)))
     out = full * stat
     r_full, r_stat = dynamiclrp.explain(out, [full, stat], rules=LRP0)
     assert float(r_stat.abs().max()) == 0.0

@@ -553,11 +553,14 @@ def _statistic_factors(graph: Graph, entries, data: list[bool]):
 
     Each tensor's *frontier* is where a walk down its graph through parameter-free nodes stops: at
     a contraction, a node that reads a parameter, a leaf or a node without a table entry (a
-    requested intermediate tensor is looked through: asking for it changes no decision).  A factor is a statistic of the other when its frontier is non-empty and inside
-    the other's.  A router gate (``softmax(x @ W_r)``), a FiLM scale (``gamma(cond)``) or a
-    squeeze-excitation gate pass through a contraction of their own, so they are data factors,
-    not statistics: the product's two factors then share its relevance (the rules decide the
-    broadcast part when they run, from the shapes)."""
+    requested intermediate tensor is looked through: asking for it changes no decision).  A
+    factor is a statistic of the other when its frontier is non-empty and inside the other's, or
+    when it is computed from the other factor itself, layers on the way included (a
+    squeeze-excitation gate ``sigmoid(fc(pool(h)))`` rescales the ``h`` it was computed from:
+    the broadcast analogue of the self-gating ``h * sigmoid(h)``, whose region gives ``h`` all).
+    A router gate (``softmax(x @ W_r)`` against ``expert(x)``) or a FiLM scale (``gamma(cond)``)
+    is computed from neither: the two factors then share the product's relevance (the rules
+    decide the broadcast part when they run, from the shapes)."""
     candidates = []
     for v, e in enumerate(entries):
         if e is None or len(e.factors) != 2 or not data[v]:
@@ -600,10 +603,31 @@ def _statistic_factors(graph: Graph, entries, data: list[bool]):
             memo[u] = frozenset().union(*(memo[k] for k in kids))
         return memo[root]
 
+    def computed_from(top: int, other: int) -> bool:
+        """Whether node ``other`` lies below ``top`` through data: ``top``'s value is computed from
+        ``other``'s (with any layers on the way, as a squeeze-excitation gate is from ``h``)."""
+        seen, stack = {top}, [top]
+        while stack:
+            u = stack.pop()
+            if u == other:
+                return True
+            for k in graph.children[u]:
+                if k is not None and data[k[0]] and k[0] not in seen:
+                    seen.add(k[0])
+                    stack.append(k[0])
+        return False
+
     found = {}
     for v, slots, kids in candidates:
         fa, fb = frontier(kids[0][0]), frontier(kids[1][0])
-        either = tuple(s for s, f, g in ((slots[0], fa, fb), (slots[1], fb, fa)) if f and f <= g)
+        either = tuple(
+            s
+            for s, f, g, mine, theirs in (
+                (slots[0], fa, fb, kids[0][0], kids[1][0]),
+                (slots[1], fb, fa, kids[1][0], kids[0][0]),
+            )
+            if (f and f <= g) or (mine != theirs and computed_from(mine, theirs))
+        )
         if either:
             found[v] = either
     return found
