@@ -603,19 +603,23 @@ def _statistic_factors(graph: Graph, entries, data: list[bool]):
             memo[u] = frozenset().union(*(memo[k] for k in kids))
         return memo[root]
 
+    # which factor nodes lie below each node, as bits of one integer (one pass, children first)
+    targets = {k[0] for _, _, kids in candidates for k in kids}
+    bit = {t: 1 << i for i, t in enumerate(sorted(targets))}
+    below: dict[int, int] = {}
+    for u in reversed(graph.topological_order()):
+        if not data[u]:
+            continue
+        mask = bit.get(u, 0)
+        for k in graph.children[u]:
+            if k is not None:
+                mask |= below.get(k[0], 0)
+        below[u] = mask
+
     def computed_from(top: int, other: int) -> bool:
         """Whether node ``other`` lies below ``top`` through data: ``top``'s value is computed from
         ``other``'s (with any layers on the way, as a squeeze-excitation gate is from ``h``)."""
-        seen, stack = {top}, [top]
-        while stack:
-            u = stack.pop()
-            if u == other:
-                return True
-            for k in graph.children[u]:
-                if k is not None and data[k[0]] and k[0] not in seen:
-                    seen.add(k[0])
-                    stack.append(k[0])
-        return False
+        return bool(below.get(top, 0) & bit[other])
 
     found = {}
     for v, slots, kids in candidates:
