@@ -11,8 +11,8 @@ several times) and appends its 2-D result; a head turns the last result into the
 - ``linear``: an ``nn.Parameter`` weight, with or without bias, as ``F.linear`` or
   ``h @ W.t() + b``;
 - ``unary``: relu, tanh, gelu, ``exp(0.25 * h)``;
-- ``binary``: add / sub / mul of two activations, same shape or broadcast (a column ``(B, 1)`` or a
-  row ``(1, d)``, the latter mixes rows);
+- ``binary``: add / sub / mul / ``torch.add(a, b, alpha=-0.5)`` of two activations, same shape or
+  broadcast (a column ``(B, 1)`` or a row ``(1, d)``, the latter mixes rows);
 - ``bcast3d``: ``a[:, :, None] op b[:, None, :]`` (add, sub, mul) to 3-D, then flattened, summed
   or averaged over the last dimension;
 - ``center``: ``h - h.mean(1, keepdim=True)`` or ``cat([h, h.sum(1, keepdim=True)])``;
@@ -24,7 +24,7 @@ several times) and appends its 2-D result; a head turns the last result into the
   unbind-then-stack steps on a list of tensors, concatenated at the end;
 - ``views``: chains of views of views (view + transpose + reshape, view + permute + flatten,
   transpose twice, flatten and view back, slicing with steps, narrow, expand, a transpose-reshape
-  that mixes rows);
+  that mixes rows, advanced indexing and ``gather`` with a repeated index);
 - ``inplace``: ``y = h.clone()`` then an in-place write: a column copied from another activation,
   filled with 0, ``2 * `` another column, every second column, through ``y.t()``, through a view
   of a view of a view (``y.view(B, d, 1).transpose(1, 2)[:, 0, col]``), through the flat view
@@ -40,7 +40,28 @@ several times) and appends its 2-D result; a head turns the last result into the
 - ``attention``: a block with ``softmax(q k^T / sqrt(d)) v`` written out with matmul (with or
   without a causal ``masked_fill(-inf)``), or ``F.scaled_dot_product_attention`` on 4-D tensors
   with 1 or 2 heads (plain, causal, or with a constant float mask), or attention across the batch
-  rows (mixes rows).
+  rows (mixes rows);
+- ``affine`` (issue 14): a constant ``c`` (a row like a bias, a column, or a full ``(B, d)``
+  tensor like an observed target) on either side of ``c - h``, ``torch.rsub(h, c)``,
+  ``torch.add(c, h, alpha=2)``, ``torch.add(c, h, alpha=-1)``, ``torch.sub(h, c, alpha=0.5)``,
+  ``torch.sub(c, h, alpha=2)``, ``torch.rsub(h, c, alpha=2)``, on ``h`` itself or on a bias-free
+  contraction ``h @ W`` / ``F.linear(h, W)`` (``y_obs - x @ W``);
+- ``bmul``: broadcasting products where only one factor reaches ``x``: token weights times an
+  ``nn.Embedding`` output or ``weight[ids]`` (also expanded, and added instead of multiplied),
+  an embedding table that is data (``F.embedding(ids, h)``, mixes rows), FiLM
+  ``h * gamma(cond)[:, :, None]`` and MoE ``expert_out * gate[:, None]`` with the data on either
+  side (``cond`` a constant);
+- ``catconst``: constants in ``cat`` / ``stack``: ``cat([h, zeros_like(h[:, :1])])`` (also before a
+  softmax), a constant or a parameter (a CLS token) on the left, a constant stacked with ``h``;
+- ``addmm``: ``addmm`` / ``baddbmm`` with data, a parameter or a constant in the slots
+  (``baddbmm``: every slot), with or without ``beta = 0.5, alpha = 2``;
+- ``pool``: ``max_pool1d`` (kernel 2, or kernel 3 with stride 1 and padding 1, or after a relu),
+  ``amax`` and ``max(dim)``.
+
+Constants are functions of the (detached) rows of ``x``, so that a batch and its rows see the same
+ones.  ``Program(prog, alt=True)`` writes the ops that have one in an equivalent spelling (the
+expansion of ``addmm``/``baddbmm``, the coefficients of sub/rsub/add written out, ``F.pad`` for a
+column of zeros, ``weight[ids]`` for ``nn.Embedding``).
 
 Invariants checked for each generated graph:
 
@@ -64,17 +85,22 @@ Invariants checked for each generated graph:
     the seed, is in docs/fuzzing.md: 1e-5 is not an invariant of ``eps = 1e-6``); programs with
     attention conserve under ``"cp-lrp"`` (attention probabilities held constant,
     ``Program.cp_conserving``);
-(e) on piecewise-linear programs without bias, the epsilon rule equals gradient x input (autograd);
+(e) on piecewise-linear programs (linear maps with or without bias, constants on either side of
+    add / sub / rsub, ``alpha``, relu, max, routing, fills, products where at most one factor
+    reaches ``x``: ``Program.piecewise_linear``), LRP-0 (``"epsilon"`` at ``eps = 1e-12``) equals
+    gradient x input (autograd) to 1e-8 relative: in the gradient test, and on every
+    piecewise-linear draw of the main test;
 (f) for programs that do not mix rows, explaining a batch with per-row targets equals explaining
     each row alone;
 (g) ``dynamiclrp.LRP`` with its plan cache: a second forward pass of the same structure on other
     input values uses the cached plan and equals a fresh ``LRP(cache_size=0)``;
-(h) requesting an intermediate activation as well leaves the input's relevance unchanged.
+(h) requesting an intermediate activation as well leaves the input's relevance unchanged;
+(i) equivalent spellings (``Program(alt=True)``) give the same relevance under every preset.
 
-Budget: a fixed, derandomized number of examples per test (``fuzz_settings``), 480 in all for CI
-(about 5 s on 2 cores).  For a longer run set ``DYNAMICLRP_FUZZ_EXAMPLES``: the main test runs
-that many examples, the conservation, batch and cache tests half as many, the gradient and
-intermediate tests a quarter (docs/fuzzing.md gives the command and the last run's counts)::
+Budget: a fixed, derandomized number of examples per test (``fuzz_settings``), 520 in all for CI.
+For a longer run set ``DYNAMICLRP_FUZZ_EXAMPLES``: the main test runs
+that many examples, the conservation, batch and cache tests half as many, the gradient,
+intermediate and spelling tests a quarter (docs/fuzzing.md gives the command and the last run's counts)::
 
     DYNAMICLRP_FUZZ_EXAMPLES=5000 PYTHONPATH=src python3 -m pytest tests/test_fuzz.py -q \\
         --hypothesis-show-statistics
@@ -150,12 +176,44 @@ INPLACE_KINDS = (
     "imul_slice",
     "tanh_slice",
 )
-VIEW_KINDS = ("view_t", "view_perm", "tt", "flat", "step0", "step1", "narrow", "expand", "mixrows")
+VIEW_KINDS = (
+    "view_t",
+    "view_perm",
+    "tt",
+    "flat",
+    "step0",
+    "step1",
+    "narrow",
+    "expand",
+    "mixrows",
+    "index_dup",
+    "gather",
+)
 NEST_STEPS = ("split", "chunk", "cat", "stack_unbind", "stack_t", "unbind_stack", "swap")
 ATTENTION_STYLES = ("matmul", "matmul_causal", "sdpa", "sdpa_causal", "sdpa_mask", "batch")
-AFFINE_KINDS = ("c_minus", "rsub", "add_alpha", "sub_alpha")
-BMUL_STYLES = ("emb", "wids", "emb_expand", "emb_add", "film", "film_cond", "moe", "moe_gate")
-CATCONST_STYLES = ("zeros", "zeros_softmax", "const_left", "param_left", "stack")
+AFFINE_KINDS = (
+    "c_minus",
+    "c_plus",
+    "rsub",
+    "add_alpha",
+    "sub_alpha",
+    "c_minus_alpha",
+    "rsub_alpha",
+    "add_neg",
+)
+BMUL_STYLES = (
+    "emb",
+    "wids",
+    "emb_expand",
+    "emb_add",
+    "emb_data",
+    "film",
+    "film_cond",
+    "moe",
+    "moe_gate",
+)
+CATCONST_STYLES = ("zeros", "zeros_softmax", "const_left", "param_left", "stack", "where")
+FMA_STYLES = ("addcmul", "addcmul_self", "addcdiv", "lerp", "lerp_rev", "lerp_tensor")
 POOL_STYLES = ("maxpool", "maxpool_pad", "relu_pool", "amax", "max")
 SLOT = st.sampled_from(["data", "param", "const"])
 
@@ -169,7 +227,7 @@ OP_STRATEGIES = {
         st.just("binary"),
         IDX,
         IDX,
-        st.sampled_from(["add", "sub", "mul"]),
+        st.sampled_from(["add", "sub", "mul", "add_alpha"]),
         st.sampled_from(["same", "same", "col", "row"]),
         st.integers(0, 7),
     ),
@@ -211,8 +269,8 @@ OP_STRATEGIES = {
         st.just("affine"),
         IDX,
         st.sampled_from(AFFINE_KINDS),
-        st.sampled_from(["none", "mm", "F"]),
-        st.sampled_from(["row", "col", "full"]),
+        st.sampled_from(["none", "mm", "F", "conv"]),
+        st.sampled_from(["row", "col", "full", "wide"]),
         st.integers(2, 5),
     ),
     "bmul": st.tuples(st.just("bmul"), IDX, st.sampled_from(BMUL_STYLES), st.integers(1, 3)),
@@ -229,6 +287,8 @@ OP_STRATEGIES = {
         st.booleans(),
     ),
     "pool": st.tuples(st.just("pool"), IDX, st.sampled_from(POOL_STYLES)),
+    "fma": st.tuples(st.just("fma"), IDX, st.sampled_from(FMA_STYLES)),
+    "conv": st.tuples(st.just("conv"), IDX, st.integers(1, 3), st.booleans(), st.integers(0, 1)),
 }
 OP_KINDS = tuple(OP_STRATEGIES)
 OPS = st.one_of(*OP_STRATEGIES.values())
@@ -255,6 +315,7 @@ SPELLED_OPS = st.one_of(
     OP_STRATEGIES["addmm"],
     OP_STRATEGIES["catconst"],
     OP_STRATEGIES["bmul"],
+    OP_STRATEGIES["fma"],
     OPS,
 )
 
@@ -285,8 +346,12 @@ class Program:
       two activations, in-place arithmetic on a slice);
     - ``cp_conserving``: "cp-lrp" conserves (as ``conserving``, but attention is allowed);
     - ``absorbs``: a non-zero bias or a constant takes a share (booked as absorbed);
-    - ``piecewise_linear``: only linear maps, relu, add/sub, routing and fills with 0: a
-      piecewise-linear, positively homogeneous function, where epsilon is gradient x input;
+    - ``piecewise_linear``: only linear maps (with or without bias), constants added or
+      subtracted on either side (``alpha`` too), scaling by constants, relu, max, routing, fills
+      and products where at most one factor reaches ``x``: a piecewise-affine function of ``x``,
+      where LRP-0 is gradient x input (the constants and biases take the rest; at each
+      contraction ``R_j / z_j`` is the gradient at ``z_j``);
+    - ``spelled``: an op with an alternative spelling was applied (``alt``);
     - ``refusable``: an in-place scaling on a slice, which ``explain`` may refuse (documented);
     - ``cancels``: a sum, difference or reduction is (nearly) 0 where its terms are not
       (``a - a[:, :1]``, the diagonal of ``a[:, :, None] - a[:, None, :]``, the sum of centred
@@ -431,6 +496,8 @@ class Program:
                 [op[4], f"slots {op[5]}/{op[6]}/{op[7]}"] + (["beta alpha"] if op[8] else [])
             ),
             "pool": lambda: [op[2]],
+            "fma": lambda: [op[2]],
+            "conv": lambda: [f"kernel {op[2]}", "bias" if op[3] else "no bias"],
         }.get(kind, lambda: [])()
         self.labels.append(kind)
         self.labels.extend(f"{kind}/{v}" for v in variants)
@@ -474,6 +541,8 @@ class Program:
             self.piecewise_linear = linear
             self.product(a, b)
             return a * b
+        if f == "add_alpha":  # AddBackward0 with alpha = -0.5: the second summand is -b / 2
+            return self.summed(a, -0.5 * b, torch.add(a, b, alpha=-0.5))
         return self.summed(a, b if f == "add" else -b, a + b if f == "add" else a - b)
 
     def summed(self, a, t, z):
@@ -678,10 +747,13 @@ class Program:
 
     def op_affine(self, n, op, pick):
         """A constant on either side of a sub / rsub / add with ``alpha``, optionally on top of a
-        bias-free contraction (``y_obs - x @ W``, issue 14, reproduction 1).  The alternative
-        spelling writes the coefficients out; where the contraction's output enters with a
-        coefficient other than +1 it puts a ``neg`` or ``mul`` between, so that neither spelling
-        is a bias of the contraction."""
+        bias-free contraction (``y_obs - x @ W``, issue 14, reproduction 1): ``h @ W``,
+        ``F.linear(h, W)`` or ``F.conv1d`` without bias.  The constant is a row ``(d,)`` like a
+        bias, a column ``(B, 1)``, a full ``(B, d)`` tensor like an observed target, or ``"wide"``
+        ``(B, 2, d)``, which broadcasts ``h[:, None, :]`` (then not a bias of the contraction).
+        The alternative spelling writes the coefficients out; where the contraction's output
+        enters with a coefficient other than +1 it puts a ``neg`` or ``mul`` between, so that
+        neither spelling is a bias of the contraction."""
         _, i, f, below, cshape, out = op
         self.absorbs = True  # the constant takes a share: the function is affine
         h = pick(i)
@@ -689,16 +761,34 @@ class Program:
             h = h @ self.param((n, "w"), h.shape[1], out)  # (d, out): a bias-free MmBackward0
         elif below == "F":
             h = F.linear(h, self.param((n, "w"), out, h.shape[1]))
-        c = self.constant(n, cshape, h.shape[1])
+        elif below == "conv":  # (B, 2 (d - 1)) or (B, 2): a bias-free ConvolutionBackward0
+            k = 2 if h.shape[1] >= 2 else 1
+            h = F.conv1d(h[:, None, :], self.param((n, "conv"), 2, 1, k)).flatten(1)
+        if cshape == "wide":
+            c = torch.stack(
+                [self.constant(n, "full", h.shape[1]), self.constant(n + 5, "full", h.shape[1])], 1
+            )  # (B, 2, d)
+            h = h[:, None, :]
+        else:
+            c = self.constant(n, cshape, h.shape[1])
         self.spelled = True
         if f == "c_minus":  # SubBackward0, the constant on the left
-            return c + (-h) if self.alt else c - h
-        if f == "rsub":  # RsubBackward0: c - h
-            return c + (-h) if self.alt else torch.rsub(h, c)
-        if f == "add_alpha":  # AddBackward0, alpha = 2
-            return c + 2.0 * h if self.alt else torch.add(c, h, alpha=2.0)
-        # SubBackward0, alpha = 0.5, the data on the left
-        return h - 0.5 * c if self.alt else torch.sub(h, c, alpha=0.5)
+            z = c + (-h) if self.alt else c - h
+        elif f == "c_plus":  # AddBackward0, the constant on the left
+            z = c + h
+        elif f == "rsub":  # RsubBackward0: c - h
+            z = c + (-h) if self.alt else torch.rsub(h, c)
+        elif f == "add_alpha":  # AddBackward0, alpha = 2
+            z = c + 2.0 * h if self.alt else torch.add(c, h, alpha=2.0)
+        elif f == "add_neg":  # AddBackward0, alpha = -1: c - h
+            z = c + (-h) if self.alt else torch.add(c, h, alpha=-1.0)
+        elif f == "c_minus_alpha":  # SubBackward0, alpha = 2, the constant on the left: c - 2 h
+            z = c + (-2.0 * h) if self.alt else torch.sub(c, h, alpha=2.0)
+        elif f == "rsub_alpha":  # RsubBackward0, alpha = 2: c - 2 h
+            z = c + (-2.0 * h) if self.alt else torch.rsub(h, c, alpha=2.0)
+        else:  # "sub_alpha": SubBackward0, alpha = 0.5, the data on the left
+            z = h - 0.5 * c if self.alt else torch.sub(h, c, alpha=0.5)
+        return z.flatten(1)
 
     def embedding(self, n: int, vocab: int, dim: int) -> nn.Embedding:
         emb = nn.Embedding(vocab, dim)
@@ -732,6 +822,9 @@ class Program:
             wb = w[..., None].expand(B, t, dim) if style == "emb_expand" else w[..., None]
             self.product(e, wb)
             return (e * wb).sum(1)  # (B, dim)
+        if style == "emb_data":  # an embedding table that is data: the rows of h (mixes rows)
+            self.mixes_rows = True
+            return F.embedding(self.ids(n, t, B), h).sum(1)  # (B, d)
         if style == "film":  # the features are data, the modulation a function of a constant
             h3 = torch.stack([h, h.flip(1)], 2)  # (B, d, 2)
             gamma = self.linear((n, "gamma"), cond, d, True)  # (B, d)
@@ -775,6 +868,8 @@ class Program:
             return torch.cat([self.constant(n, "full", 2), h], 1)
         if style == "param_left":
             return torch.cat([self.param((n, "cls"), 1, 1).expand(B, 1), h], 1)
+        if style == "where":  # a data-dependent mask (a constant) choosing h or a constant
+            return torch.where(h.detach() > 0.3, h, self.constant(n, "full", d))
         return torch.stack([h, self.constant(n, "full", d)], 2).flatten(1)  # "stack"
 
     def op_addmm(self, n, op, pick):
@@ -793,6 +888,8 @@ class Program:
             as_ = "param"
         if cs != "data" and "data" not in (as_, bs):  # the output must depend on x
             as_, bs = ("data", bs) if form != "mm_t" else (as_, "data")
+        if cs != "data" or "data" not in (as_, bs):
+            self.absorbs = True  # a constant term: the input, or a product of no data
         beta, alpha = (0.5, 2.0) if scaled else (1.0, 1.0)
 
         def slot(kind: str, t: torch.Tensor, m: int, s: int) -> torch.Tensor:  # (B, m)
@@ -824,6 +921,42 @@ class Program:
         c = self.param((n, "c"), o, 1) if cs == "param" else slot(cs, hc, o, 0).t()
         bt = slot(bs, hb, m, 2).t()  # (m, B)
         return fma(c, self.param((n, "w"), o, m), bt, torch.addmm, torch.mm).t()
+
+    def op_fma(self, n, op, pick):
+        """Fused multiply-adds and interpolations that are affine in ``h`` (docs/rules.md, 2.14):
+        ``addcmul(c, h, P, value=-0.5)``, ``addcmul(h, C, P, value=2)``, ``addcdiv(c, h, Q,
+        value=2)``, ``lerp(h, c, 0.3)``, ``lerp(c, h, 0.3)``, ``lerp(h, c, w)`` with a constant
+        tensor weight; ``c``, ``C``, ``w`` constants, ``P``, ``Q`` parameters.  The alternative
+        spelling is the written-out sum of the two terms."""
+        _, i, style = op
+        h = pick(i)
+        d = h.shape[1]
+        c = self.constant(n, "full", d)
+        p = self.param((n, "p"), d)
+        self.absorbs = self.spelled = True
+        if style == "addcmul":
+            return c + -0.5 * (h * p) if self.alt else torch.addcmul(c, h, p, value=-0.5)
+        if style == "addcmul_self":  # the data in self, a constant product term
+            return h + 2.0 * (c * p) if self.alt else torch.addcmul(h, c, p, value=2.0)
+        if style == "addcdiv":
+            q = 1.5 + p.abs()  # a function of a parameter: a constant divisor
+            return c + 2.0 * (h / q) if self.alt else torch.addcdiv(c, h, q, value=2.0)
+        if style == "lerp":
+            return 0.7 * h + 0.3 * c if self.alt else torch.lerp(h, c, 0.3)
+        if style == "lerp_rev":
+            return 0.7 * c + 0.3 * h if self.alt else torch.lerp(c, h, 0.3)
+        w = torch.sigmoid(self.constant(n + 1, "full", d))  # "lerp_tensor": a constant weight
+        return (1.0 - w) * h + w * c if self.alt else torch.lerp(h, c, w)
+
+    def op_conv(self, n, op, pick):
+        """``F.conv1d`` over the features, 2 output channels, kernel 1 to 3, with or without
+        bias, padding 0 or 1, flattened."""
+        _, i, k, bias, pad = op
+        h = pick(i)
+        k = min(k, h.shape[1] + 2 * pad)
+        w = self.param((n, "conv"), 2, 1, k)
+        b = self.param((n, "conv_b"), 2, bias=True) if bias else None
+        return F.conv1d(h[:, None, :], w, b, padding=pad).flatten(1)
 
     def op_pool(self, n, op, pick):
         """Max-type ops (piecewise linear): ``max_pool1d`` (kernel 2, or kernel 3 with stride 1
@@ -860,6 +993,11 @@ class Program:
             return h.narrow(1, 1, d - 1)
         if v == "expand" and 2 * d <= MAX_DIM:
             return h.unsqueeze(1).expand(B, 2, d).reshape(B, 2 * d)
+        if v == "index_dup":  # advanced indexing with a repeated index (IndexBackward0)
+            return h[:, [0, d - 1, 0]]
+        if v == "gather":  # the columns gathered in another order, one twice
+            idx = torch.tensor([d - 1, 0, d - 1])
+            return torch.gather(h, 1, idx.expand(B, 3))
         if v == "mixrows" and B > 1:
             self.mixes_rows = True
             return h.t().reshape(B, -1)
@@ -1104,7 +1242,8 @@ GXI_RTOL = 1e-8
 
 def check_gradient_times_input(program: Program, x: torch.Tensor, tgt, where: str) -> bool:
     """(e): on a piecewise-linear program LRP-0 (float64) equals gradient x input, computed by
-    autograd, to ``GXI_RTOL`` (element-wise, and of the largest magnitude).  ``False`` where the
+    autograd, to ``GXI_RTOL`` (element-wise, and of the largest magnitude of gradient x input or
+    of the explained logits).  ``False`` where the
     program's in-place arithmetic on a slice was refused (documented)."""
     res = run_explain(program, x, tgt, lrp0())
     if res is None:
@@ -1116,7 +1255,10 @@ def check_gradient_times_input(program: Program, x: torch.Tensor, tgt, where: st
     seed[torch.arange(o.shape[0]), tgt] = 1.0
     (grad,) = torch.autograd.grad(o, xg, seed)
     expected = xg.detach() * grad
-    scale = max(1e-12, float(expected.abs().max()))
+    # of the largest magnitude of gradient x input, or of the explained logits where that is ~0
+    # (e.g. ``(x + c) - x``: LRP-0 hands x shares ``+-R x / c`` that cancel to ~eps)
+    logits = o.detach()[torch.arange(o.shape[0]), tgt]
+    scale = max(float(expected.abs().max()), float(logits.abs().max()), 1e-12)
     score(float((rel - expected).abs().max()) / scale, "LRP-0 vs gradient x input, relative")
     torch.testing.assert_close(
         rel,
@@ -1302,6 +1444,8 @@ def test_fuzz_program_smoke():
         ("addmm", 13, 2, 5, "baddbmm", "data", "data", "data", True),
         ("addmm", 14, 2, 5, "mm_t", "const", "data", "data", False),
         *(("pool", 15, style) for style in POOL_STYLES),
+        *(("fma", 16, style) for style in FMA_STYLES),
+        ("conv", 17, 3, True, 1),
     ]
     assert {op[0] for op in ops} == set(OP_KINDS)
     prog = {
