@@ -1237,7 +1237,10 @@ def lrp0() -> dynamiclrp.Rules:
     return dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
 
 
-GXI_RTOL = 1e-8
+# LRP-0 deviates from gradient x input by the stabiliser, eps / |z_j| at each contraction or sum
+# output z_j: up to 4.8e-8 relative on 5000 piecewise-linear programs (a difference of two
+# activations within 1e-4 of each other); a rule that is wrong misses by 1e-2 and more
+GXI_RTOL = 1e-6
 
 
 def check_gradient_times_input(program: Program, x: torch.Tensor, tgt, where: str) -> bool:
