@@ -1298,7 +1298,9 @@ def test_fuzz_epsilon_is_gradient_times_input(prog):
 @given(prog=programs(), preset_name=st.sampled_from(PRESETS_NO_FIRST), pick=st.integers(0, 7))
 def test_fuzz_intermediate_input(prog, preset_name, pick):
     """Requesting an intermediate activation as well leaves the input's relevance unchanged; the
-    books close with the intermediate out of the sum (forward pass under ``record()``)."""
+    books close with the intermediate out of the sum (forward pass under ``record()``).  On
+    piecewise-linear programs, LRP-0's relevance at the intermediate tensor ``h`` is
+    ``h * d(logits)/dh`` (invariant (e) at ``h``)."""
     program = Program(prog)
     x = make_x(prog)
     tgt = targets(prog, program(x))
@@ -1328,6 +1330,27 @@ def test_fuzz_intermediate_input(prog, preset_name, pick):
     assert torch.isfinite(rel_h).all() and rel_h.shape == h.shape
     torch.testing.assert_close(rel_x, rel, rtol=1e-9, atol=1e-9 * max(1.0, float(rel.abs().max())))
     check_books(lrp.report, "intermediate", books_tol(preset_name, lrp.report, program))
+    if program.piecewise_linear and not program.cancels:
+        # (e) at the intermediate tensor: with LRP-0 the relevance that reaches h is h times the
+        # gradient of the explained logits at h (the function above h is piecewise affine).  Not
+        # where a sum cancels: ``h = x - mean(x)``, ``h - mean(h)`` -- ``mean(h)`` is 0 for every
+        # x, not for every h, so the gradient at h sees a path that the magnitude split at an
+        # exact cancellation (docs/rules.md, section 5) gives ~0; at x both are 0
+        note("piecewise linear: LRP-0 at the intermediate tensor checked against grad x h")
+        _, rel_h0 = dynamiclrp.LRP(lrp0(), cache_size=0).explain(out, [x, h], tgt, recording=rec)
+        seed = torch.zeros_like(out)
+        seed[torch.arange(out.shape[0]), tgt] = 1.0
+        (grad_h,) = torch.autograd.grad(out, h, seed, retain_graph=True)
+        expected = h.detach() * grad_h
+        logits = out.detach()[torch.arange(out.shape[0]), tgt]
+        scale = max(float(expected.abs().max()), float(logits.abs().max()), 1e-12)
+        torch.testing.assert_close(
+            rel_h0,
+            expected,
+            rtol=GXI_RTOL,
+            atol=GXI_RTOL * scale,
+            msg=lambda m: f"LRP-0 at an intermediate tensor != gradient x h\n{m}",
+        )
 
 
 # -- (f): a batch equals its rows ------------------------------------------------------------------
