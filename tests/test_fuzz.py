@@ -119,7 +119,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, given, settings, target
+from hypothesis import HealthCheck, event, example, given, settings, target
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from torch import nn
@@ -1140,11 +1140,30 @@ def record_events(program: Program) -> None:
         note(f"op {label}")
 
 
+def issue14(*ops: tuple, batch: int = 3, features: int = 4) -> dict:
+    """A program of ``ops`` on ``x`` with an identity head and zero biases: the reproductions of
+    issue 14, run by the fuzz tests as explicit examples (``@example``) on top of the drawn ones,
+    so that the CI budget always covers them."""
+    return {
+        "seed": 14,
+        "batch": batch,
+        "features": features,
+        "zero_bias": True,
+        "ops": list(ops),
+        "head": "identity",
+        "targets": [0, 1, 2, 0],
+    }
+
+
 # -- (a) (b) (c): works or documented error, finite, books close ----------------------------------
 
 
 @fuzz_settings(160)
 @given(prog=programs(), preset_name=st.sampled_from(PRESETS))
+# issue 14: a constant column in cat before a softmax; torch.rsub with a tensor; y_obs - x @ W
+@example(prog=issue14(("catconst", 0, "zeros_softmax")), preset_name="dynamiclrp")
+@example(prog=issue14(("affine", 0, "rsub", "none", "row", 2)), preset_name="epsilon")
+@example(prog=issue14(("affine", 0, "c_minus", "mm", "full", 2)), preset_name="epsilon")
 def test_fuzz_explain_books(prog, preset_name):
     program = Program(prog)
     x = make_x(prog)
@@ -1176,6 +1195,10 @@ def conservation_scale(report) -> float:
 
 @fuzz_settings(100, share=0.5)
 @given(prog=programs(ops=CONSERVING_OPS))
+# issue 14: a constant in a stack, then a constant subtracted (the add rule needs the stack's
+# value); addmm with a constant input (a frozen bias)
+@example(prog=issue14(("catconst", 0, "stack"), ("affine", 1, "sub_alpha", "none", "row", 2)))
+@example(prog=issue14(("addmm", 0, 0, 0, "mm", "const", "data", "param", False)))
 def test_fuzz_conservation(prog):
     """(d): conservation in float64 (see the module docstring and docs/fuzzing.md).
 
@@ -1275,6 +1298,15 @@ def check_gradient_times_input(program: Program, x: torch.Tensor, tgt, where: st
 
 @fuzz_settings(40, share=0.25)
 @given(prog=programs(ops=PIECEWISE_MIX))
+# issue 14, reproductions 1 and 2: y_obs - x @ W, add with alpha, token weights times an
+# embedding output, FiLM, MoE; and the scalar on the left of a sub (0.5 - h)
+@example(prog=issue14(("affine", 0, "c_minus", "mm", "full", 2)))
+@example(prog=issue14(("affine", 0, "add_alpha", "F", "row", 3)))
+@example(prog=issue14(("bmul", 0, "emb", 2)))
+@example(prog=issue14(("bmul", 0, "emb_expand", 2)))
+@example(prog=issue14(("bmul", 0, "film", 2)))
+@example(prog=issue14(("bmul", 0, "moe", 2)))
+@example(prog=issue14(("linear", 0, 3, False, "F"), ("const", 1, "rsub")))
 def test_fuzz_epsilon_is_gradient_times_input(prog):
     """(e): on piecewise-linear programs (linear maps with or without bias, constants on either
     side of add / sub / rsub, ``alpha``, relu, max, routing, fills, products with one factor that
@@ -1414,6 +1446,14 @@ def test_fuzz_cached_equals_fresh(prog, preset_name):
 
 @fuzz_settings(40, share=0.25)
 @given(prog=programs(ops=SPELLED_OPS), preset_name=st.sampled_from(PRESETS))
+# issue 14, reproduction 6: baddbmm(c, a, b) vs c + bmm(a, b); addcmul above a contraction
+@example(
+    prog=issue14(("addmm", 0, 0, 0, "baddbmm", "data", "data", "param", False)),
+    preset_name="zplus",
+)
+@example(
+    prog=issue14(("linear", 0, 3, False, "F"), ("fma", 1, "addcmul_self")), preset_name="gamma"
+)
 def test_fuzz_spellings_agree(prog, preset_name):
     """(i): the program with each op that has one written in its equivalent spelling
     (``Program(alt=True)``: ``addmm(c, a, b)`` as ``c + a @ b``, ``baddbmm`` as ``c + bmm``,
