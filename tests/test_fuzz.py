@@ -8,8 +8,9 @@ reads one or two tensors from a pool (the input and every earlier result, so ten
 several times) and appends its 2-D result; a head turns the last result into the 2-D output
 ``(batch, classes)``.  The op kinds (``OP_KINDS``):
 
-- ``linear``: an ``nn.Parameter`` weight, with or without bias, as ``F.linear`` or
-  ``h @ W.t() + b``;
+- ``linear``: an ``nn.Parameter`` weight, with or without bias, as ``F.linear``, ``h @ W.t() + b``
+  or ``F.linear`` on ``h.view(B, 2, d / 2)`` (alternative spelling: the same values in a
+  non-contiguous tensor, which records ``mm``, ``_unsafe_view`` and ``add`` instead of ``addmm``);
 - ``unary``: relu, tanh, gelu, ``exp(0.25 * h)``;
 - ``binary``: add / sub / mul / ``torch.add(a, b, alpha=-0.5)`` of two activations, same shape or
   broadcast (a column ``(B, 1)`` or a row ``(1, d)``, the latter mixes rows);
@@ -220,7 +221,11 @@ SLOT = st.sampled_from(["data", "param", "const"])
 REFUSED = ("tanh_slice",)  # an in-place non-linear op on a slice: refused (documented)
 OP_STRATEGIES = {
     "linear": st.tuples(
-        st.just("linear"), IDX, st.integers(2, 8), st.booleans(), st.sampled_from(["F", "matmul"])
+        st.just("linear"),
+        IDX,
+        st.integers(2, 8),
+        st.booleans(),
+        st.sampled_from(["F", "matmul", "F3d"]),
     ),
     "unary": st.tuples(st.just("unary"), IDX, st.sampled_from(["relu", "tanh", "gelu", "exp"])),
     "binary": st.tuples(
@@ -505,7 +510,19 @@ class Program:
 
     def op_linear(self, n, op, pick):
         _, i, out, bias, style = op
-        return self.linear((n,), pick(i), out, bias, style)
+        h = pick(i)
+        B, d = h.shape
+        if style == "F3d" and d % 2 == 0:
+            # F.linear on a 3-D input: AddmmBackward0 for a contiguous one; MmBackward0,
+            # _unsafe_view and AddBackward0 for a non-contiguous one (the alternative spelling)
+            self.spelled = True
+            h3 = h.view(B, 2, d // 2)
+            if self.alt:
+                h3 = h3.transpose(0, 1).contiguous().transpose(0, 1)
+            w = self.param((n, "w"), out, d // 2)
+            b = self.param((n, "b"), out, bias=True) if bias else None
+            return F.linear(h3, w, b).flatten(1)
+        return self.linear((n,), h, out, bias, "F" if style == "F3d" else style)
 
     def op_unary(self, n, op, pick):
         h, f = pick(op[1]), op[2]
