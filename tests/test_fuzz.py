@@ -831,7 +831,8 @@ class Program:
                 self.spelled = True
                 e = emb.weight[ids]  # IndexBackward0 of a parameter
             else:
-                self.spelled = style in ("emb", "emb_add")
+                if style in ("emb", "emb_add"):
+                    self.spelled = True
                 e = emb(ids)  # EmbeddingBackward0: a source of data (engine.SOURCE_NODES)
                 self.absorbs = True  # its share of a sum is booked as unrequested
             if style == "emb_add":
