@@ -928,6 +928,10 @@ class Program:
             c = self.param((n, "c"), 2, 2) if cs == "param" else slot(cs, hc, 4, 0).view(B, 2, 2)
             a = slot(as_, ha, 4, 1).reshape(B, 2, 2)
             b = slot(bs, hb, 4, 2).reshape(B, 2, 2)
+            if self.reaches_x(a) and self.reaches_x(b):
+                # two data operands: the uniform rule (docs/rules.md, 2.2) gives half to each
+                # factor, also where it is 0, and nothing to ``c``: not conserving in (d)
+                self.not_conserving()
             self.product(a, b)
             return fma(c, a, b, torch.baddbmm, torch.bmm).flatten(1)
         o, m = 3, 3
