@@ -211,6 +211,35 @@ def main() -> None:
                 f"11 {name} books, {preset}", f"residual {rel:.1e} of the largest term", rel < 1e-8
             )
 
+    # 12. an identity masked_fill_ on a slice after an affine layer norm vs no write at all
+    V4, lw, lb, Wh = (
+        nn.Parameter(torch.randn(*sh, generator=g, dtype=DT)) for sh in ((4, 4), (4,), (4,), (3, 4))
+    )
+
+    def f12(x1: torch.Tensor, write: bool) -> torch.Tensor:
+        h = F.layer_norm(x1 @ V4, (4,), lw, lb)
+        y = h.clone()
+        if write:
+            y[:, :3].masked_fill_(h[:, :3].detach() > 10.0, 0.0)  # never true
+        return F.linear(y, Wh)
+
+    for preset in ("epsilon", "attnlrp"):
+        worst = 0.0
+        for s in range(10):
+            x1 = torch.randn(1, 4, generator=torch.Generator().manual_seed(s), dtype=DT)
+            x1.requires_grad_()
+            maps = []
+            for write in (True, False):
+                with dynamiclrp.record() as rec:
+                    out = f12(x1, write)
+                maps.append(dynamiclrp.explain(out, x1, target=0, rules=preset, recording=rec))
+            worst = max(worst, float((maps[0] - maps[1]).abs().max() / maps[1].abs().max()))
+        report(
+            f"12 identity masked_fill_ after affine layer norm vs no write, {preset}",
+            f"{worst:.1e}",
+            worst < 1e-9,
+        )
+
 
 if __name__ == "__main__":
     main()
