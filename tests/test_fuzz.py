@@ -1441,8 +1441,13 @@ def test_fuzz_batch_equals_rows(prog, preset_name):
     for r in range(x.shape[0]):
         xr = x[r : r + 1].detach().clone().requires_grad_()
         res_r = run_explain(program, xr, tgt[r], rules)
-        if res is None or res_r is None:  # a refusal is structural: the batch and every row
-            assert res is None and res_r is None, f"row {r}: refused {res_r is None}"
+        if res is None or res_r is None:
+            # a refusal is structural, except that a write that is an identity on this row's
+            # values (``tanh_()`` of a slice of zeros after a relu: gradient 1, values unchanged)
+            # is routed like the gradient (docs/rules.md, section 5): the batch may be refused
+            # where a row alone is explained, never the other way round
+            assert res is None, f"row {r}: refused where the batch was explained"
+            note("refused for the batch, explained for a row (an identity write there)")
             continue
         rel, rel_r = res[0], res_r[0]
         torch.testing.assert_close(
