@@ -153,6 +153,8 @@ def main() -> None:
     for recorded in (False, True):
         r = explains(lambda: torch.baddbmm(x.view(3, 2, 2), a3, b3).flatten(1), x, recorded)
         report(f"7 baddbmm(x3, const, const){', record()' if recorded else ''}", r, r == "ok")
+        r = explains(lambda: torch.addmm(x, a3[:, 0], b3[0, :, :1].expand(2, 4)), x, recorded)
+        report(f"7 addmm(x, const, const){', record()' if recorded else ''}", r, r == "ok")
 
     # 8. nn.Linear with a frozen bias: the bias's share is booked as stabiliser, not absorbed
     lin = nn.Linear(4, 3).double()
