@@ -624,9 +624,11 @@ def prelu_rule(ctx: RuleContext):
     Written out: the add splits ``R`` over ``relu(x)`` and ``w * min(0, x)`` (``Rules.add``; one
     of them is 0 at each element, so the nonzero one takes all of ``R`` up to the stabiliser);
     ``relu`` and ``min(0, .)`` pass relevance on unchanged; the product's share goes by the
-    product rule (:func:`product_rule`): all to ``x`` for a weight ``w`` (identity for ``x``,
-    ``R_w`` read from its side when ``w`` is requested), ``R / 2`` each when ``w`` depends on
-    data (summed over the elements that share a slope)."""
+    product rule (:func:`product_rule`): ``R / 2`` each when ``w`` depends on data (summed over
+    the elements that share a slope).  For a weight ``w`` the written-out spelling is an
+    element-wise region of the one data tensor ``x`` (``x`` branches into ``relu`` and ``min`` and
+    joins again, :mod:`dynamiclrp.regions`), whose rule is the identity: ``R_x = R`` under every
+    preset, and a requested ``w`` gets the product term's share read from its side."""
     x, w = ctx.input_value(0), ctx.input_value(1)
     w_shape = w.shape
     view = _prelu_weight_view(w_shape, x.shape)
@@ -639,6 +641,8 @@ def prelu_rule(ctx: RuleContext):
         return sum_to_shape(t, view).reshape(w_shape)
 
     shares = _product_shares(ctx, r_prod, (0, 1), x.numel(), gate_slots=(1,), to_slot=to_slot)
+    if 1 not in shares:  # x the one data source: an element-wise region of x, identity
+        return [ctx.r, None]
     r_x = r_relu if 0 not in shares else r_relu + shares[0]
     return [r_x, shares.get(1)]
 
