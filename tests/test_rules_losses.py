@@ -223,3 +223,27 @@ def test_lrp0_of_mse_sum_against_a_constant_target() -> None:
     d = x.detach() - y
     torch.testing.assert_close(rx, x.detach() * d, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(torch.as_tensor(rep.absorbed, dtype=DT), (-y * d).sum())
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_cross_entropy_with_an_activation_target(logits) -> None:
+    """A target that is an activation's output (``sigmoid(u)``): under ``cp-lrp`` it is a constant
+    gate in ``y * log(x)`` (entering the product as produced), as in the written-out spelling."""
+    g = gen(9)
+    h, u = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True)
+    if logits:
+
+        def loss(h, u):
+            return F.binary_cross_entropy_with_logits(h, u.sigmoid(), reduction="sum")
+
+        def spelled(h, u):
+            return _bce_logits_spelled(h, u.sigmoid(), None, None, "sum")
+    else:
+
+        def loss(h, u):
+            return F.binary_cross_entropy(h.sigmoid(), u.sigmoid(), reduction="sum")
+
+        def spelled(h, u):
+            return _bce_spelled(h.sigmoid(), u.sigmoid(), None, "sum")
+
+    _same_map(loss, spelled, (h, u))
