@@ -868,3 +868,17 @@ def test_census_copysign_is_its_routing_spelling() -> None:
         close(ra, ref)
         close(rb, torch.zeros_like(R))
         assert abs(rep.residual) < 1e-9
+
+
+def test_census_fill_with_a_tensor_value_gives_it_all() -> None:
+    """``fill(x, v)`` with a 0-d tensor ``v``: the output is ``v`` expanded, ``R_v = sum R``
+    (the map of ``v.expand_as(x)``)."""
+    g = gen(88)
+    x, v, R = randn(g, 3, 2, grad=True), randn(g, grad=True), randn(g, 3, 2)
+    (rx, rv) = dynamiclrp.explain(torch.fill(x * 1.0, v), [x, v], relevance=R)
+    close(rx, torch.zeros(3, 2, dtype=DT))
+    close(rv, R.sum())
+    y = x.detach().clone()
+    (rv2,), rep = dynamiclrp.explain(y.fill_(v * 2.0), [v], relevance=R, return_report=True)
+    close(rv2, R.sum())
+    assert abs(rep.residual) < 1e-12
