@@ -882,3 +882,49 @@ def test_census_fill_with_a_tensor_value_gives_it_all() -> None:
     (rv2,), rep = dynamiclrp.explain(y.fill_(v * 2.0), [v], relevance=R, return_report=True)
     close(rv2, R.sum())
     assert abs(rep.residual) < 1e-12
+
+
+def _census_forwards():
+    g = gen(89)
+    a, b = randn(g, 3, 4, grad=True), randn(g, 3, 4, grad=True)
+    p = _pos(g, 3, 4)
+    w = torch.rand(4, generator=g, dtype=DT).requires_grad_()
+    return [
+        (torch.logaddexp, (a, b)),
+        (torch.logaddexp2, (a, b)),
+        (torch.hypot, (a, b)),
+        (torch.atan2, (a, b)),
+        (lambda x, y: torch.div(x, y, rounding_mode="floor"), (a, b)),
+        (torch.copysign, (a, b)),
+        (torch.ldexp, (a, b)),
+        (torch.fmod, (a, b)),
+        (torch.remainder, (a, b)),
+        (torch.nextafter, (a, b)),
+        (F.prelu, (a, w)),
+        (torch.special.xlog1py, (a, p)),
+        (lambda x: torch.special.xlog1py(x, 2.0), (a,)),
+        (lambda x: torch.special.xlog1py(2.0, x), (p,)),
+        (torch.special.entr, (p,)),
+        (lambda x: torch.frexp(x)[0], (a,)),
+        (lambda x, v: torch.fill(x * 1.0, v[0, 0]), (a, b)),
+    ]
+
+
+@pytest.mark.parametrize("k", range(17))
+def test_census_replays_rebuild_the_forward(k) -> None:
+    """Each new entry's replay, from the node's input values, gives the op's output."""
+    from dynamiclrp.rules import OP_TABLE
+    from dynamiclrp.rules.base import ReplayContext
+
+    op, xs = _census_forwards()[k]
+    out = op(*xs)
+    fn = out.grad_fn
+    entry = OP_TABLE[fn.name()]
+    assert entry.replay is not None, fn.name()
+    values = [
+        None if f is None else x.detach() for (f, _), x in zip(fn.next_functions, xs, strict=True)
+    ]
+    if fn.name() == "FillBackward1":
+        values = [(xs[0] * 1.0).detach(), xs[1][0, 0].detach()]
+    replayed = entry.replay(ReplayContext(fn, values))[0]
+    torch.testing.assert_close(replayed, out.detach(), rtol=0, atol=0)

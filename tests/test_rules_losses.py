@@ -247,3 +247,39 @@ def test_cross_entropy_with_an_activation_target(logits) -> None:
             return _bce_spelled(h.sigmoid(), u.sigmoid(), None, "sum")
 
     _same_map(loss, spelled, (h, u))
+
+
+def _loss_forwards():
+    g = gen(10)
+    x = randn(g, 3, 4, grad=True)
+    y = torch.rand(3, 4, generator=g, dtype=DT)
+    w = torch.rand(3, 4, generator=g, dtype=DT)
+    cls = torch.tensor([0, 3, 1])
+    labels = torch.tensor([[3, 0, -1, 1], [1, 2, 3, -1], [0, -1, 2, 2]])
+    return [
+        lambda r: F.mse_loss(x, y, reduction=r),
+        lambda r: F.huber_loss(x, y, reduction=r, delta=0.5),
+        lambda r: F.smooth_l1_loss(x, y, reduction=r, beta=0.5),
+        lambda r: F.soft_margin_loss(x, y.sign(), reduction=r),
+        lambda r: F.binary_cross_entropy(x.sigmoid(), y, w, reduction=r),
+        lambda r: F.binary_cross_entropy_with_logits(x, y, w, reduction=r, pos_weight=w[0]),
+        lambda r: F.multi_margin_loss(x, cls, p=2, margin=0.5, weight=w[0], reduction=r),
+        lambda r: F.multilabel_margin_loss(x, labels, reduction=r),
+    ]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("k", range(8))
+def test_loss_replays_rebuild_the_forward(k, reduction) -> None:
+    """Each loss entry's replay, from the node's input values, gives the loss."""
+    from dynamiclrp.rules import OP_TABLE
+    from dynamiclrp.rules.base import ReplayContext
+
+    out = _loss_forwards()[k](reduction)
+    fn = out.grad_fn
+    h = fn.next_functions[0][0]  # the loss's input: x itself or sigmoid(x)
+    x_in = fn._saved_self
+    assert h is not None
+    values = [x_in] + [None] * (len(fn.next_functions) - 1)
+    replayed = OP_TABLE[fn.name()].replay(ReplayContext(fn, values))[0]
+    torch.testing.assert_close(replayed, out.detach(), rtol=0, atol=0)

@@ -1006,13 +1006,10 @@ TABLE = {
     "FrexpBackward0": _unary(
         lambda c: tuple(torch.frexp(c.inputs[0])), saved_outputs={1: "_saved_exponent"}
     ),
-    # fill: the output is the fill value; a scalar one is not saved (no replay)
-    "FillBackward0": OpEntry(
-        "elementwise-unary", fill_rule, elementwise=True, unrecorded=always_unrecorded
-    ),
-    "FillBackward2": OpEntry(
-        "elementwise-unary", fill_rule, elementwise=True, unrecorded=always_unrecorded
-    ),
+    # fill: the output is the fill value, whatever x holds (not an element-wise map of x, so no
+    # region looks through it); a scalar value is not saved (no replay)
+    "FillBackward0": OpEntry("elementwise-unary", fill_rule, unrecorded=always_unrecorded),
+    "FillBackward2": OpEntry("elementwise-unary", fill_rule, unrecorded=always_unrecorded),
     "FillBackward1": OpEntry(
         "elementwise-binary",
         fill_rule,
@@ -1029,7 +1026,9 @@ TABLE = {
         "elementwise-binary",
         prelu_rule,
         saved_inputs={0: "_saved_self", 1: "_saved_weight"},
-        replay=lambda c: (torch._prelu_kernel(c.inputs[0], c.inputs[1]),),
+        replay=lambda c: (
+            torch._prelu_kernel(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_weight")),
+        ),
         elementwise=True,
     ),
     # xlog1py(x, y) = x * log1p(y): the product rule of the written-out spelling, like xlogy

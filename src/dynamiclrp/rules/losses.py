@@ -177,7 +177,7 @@ def bce_logits_rule(ctx: RuleContext):
     return _cross_entropy_rule(ctx, [t1, t2], gate_first=pw is None)
 
 
-def _batch(x: Tensor, ell: Tensor, ctx: RuleContext):
+def _batch(ctx: RuleContext, ell: Tensor) -> Tensor:
     """``R`` of the per-sample losses ``ell`` (shape ``(N,)``) of a margin loss."""
     red = ctx.saved("_saved_reduction")
     if red == NONE:
@@ -200,7 +200,7 @@ def multi_margin_rule(ctx: RuleContext):
     m = (margin - xy + x).clamp(min=0) ** p * mask
     if w is not None:
         m = m * w[y]
-    r_l = _batch(x, m.sum(1) / c, ctx).reshape(-1, 1)
+    r_l = _batch(ctx, m.sum(1) / c).reshape(-1, 1)
     r_m = reduce_split(_Sub(ctx, r_l), m, dims=[1])
     r_xy, r_x = split_sum(ctx, [margin - xy, x], ctx.rules.add, r=r_m)
     rel = r_x.scatter_add(1, y, r_xy.sum(1, keepdim=True))
@@ -218,7 +218,7 @@ def multilabel_margin_rule(ctx: RuleContext):
     pair = t[:, :, None] * (1 - t)[:, None, :]
     xj, xi = x[:, :, None], x[:, None, :]
     m = (1 - (xj - xi)).clamp(min=0) * pair
-    r_l = _batch(x, m.sum((1, 2)) / c, ctx).reshape(-1, 1, 1)
+    r_l = _batch(ctx, m.sum((1, 2)) / c).reshape(-1, 1, 1)
     r_m = reduce_split(_Sub(ctx, r_l), m, dims=[1, 2])
     r_j, r_i = split_sum(ctx, [xj.expand_as(m), -xi.expand_as(m)], ctx.rules.add, r=r_m)
     return [(r_j.sum(2) + r_i.sum(1)).reshape(x0.shape)]
@@ -247,14 +247,16 @@ TABLE = {
     "MseLossBackward0": _loss(
         mse_rule,
         lambda c: (
-            _aten.mse_loss(c.inputs[0], _in(c, 1, "_saved_target"), c.saved("_saved_reduction")),
+            _aten.mse_loss(
+                _in(c, 0, "_saved_self"), _in(c, 1, "_saved_target"), c.saved("_saved_reduction")
+            ),
         ),
     ),
     "HuberLossBackward0": _loss(
         huber_rule,
         lambda c: (
             _aten.huber_loss(
-                c.inputs[0],
+                _in(c, 0, "_saved_self"),
                 _in(c, 1, "_saved_target"),
                 c.saved("_saved_reduction"),
                 c.saved("_saved_delta"),
@@ -265,7 +267,7 @@ TABLE = {
         smooth_l1_rule,
         lambda c: (
             _aten.smooth_l1_loss(
-                c.inputs[0],
+                _in(c, 0, "_saved_self"),
                 _in(c, 1, "_saved_target"),
                 c.saved("_saved_reduction"),
                 c.saved("_saved_beta"),
@@ -276,7 +278,7 @@ TABLE = {
         soft_margin_rule,
         lambda c: (
             _aten.soft_margin_loss(
-                c.inputs[0], c.saved("_saved_target"), c.saved("_saved_reduction")
+                _in(c, 0, "_saved_self"), c.saved("_saved_target"), c.saved("_saved_reduction")
             ),
         ),
         target=False,
@@ -285,7 +287,7 @@ TABLE = {
         bce_rule,
         lambda c: (
             _aten.binary_cross_entropy(
-                c.inputs[0],
+                _in(c, 0, "_saved_self"),
                 _in(c, 1, "_saved_target"),
                 c.saved("_saved_weight"),
                 c.saved("_saved_reduction"),
@@ -296,7 +298,7 @@ TABLE = {
         bce_logits_rule,
         lambda c: (
             _aten.binary_cross_entropy_with_logits(
-                c.inputs[0],
+                _in(c, 0, "_saved_self"),
                 _in(c, 1, "_saved_target"),
                 c.saved("_saved_weight"),
                 c.saved("_saved_pos_weight"),
@@ -308,7 +310,7 @@ TABLE = {
         multi_margin_rule,
         lambda c: (
             _aten.multi_margin_loss(
-                c.inputs[0],
+                _in(c, 0, "_saved_self"),
                 c.saved("_saved_target"),
                 c.saved("_saved_p"),
                 c.saved("_saved_margin"),
@@ -322,7 +324,7 @@ TABLE = {
         multilabel_margin_rule,
         lambda c: (
             _aten.multilabel_margin_loss(
-                c.inputs[0], c.saved("_saved_target"), c.saved("_saved_reduction")
+                _in(c, 0, "_saved_self"), c.saved("_saved_target"), c.saved("_saved_reduction")
             ),
         ),
         target=False,
