@@ -28,6 +28,11 @@ Fused, split like add (``Rules.add``) over their summands, then as above:
 - ``lerp(a, b, w) = (1 - w) * a + w * b``: ``R`` split over ``(1 - w) * a`` and ``w * b`` like add;
   a tensor weight is a constant (one that depends on data raises ``NotImplementedError``).
 
+Element-wise binary ops that are compositions of the above (``logaddexp``, ``hypot``, ``atan2``,
+``fmod``, ``ldexp``, ``prelu``, ``xlog1py``, ...) get the map of their written-out spelling; where
+the spellings disagree (``copysign``) or none exists (``nextafter``, ``fill``) the rule's docstring
+says what was chosen and why (``docs/rules.md`` 2.19).
+
 Unary (relu, gelu, silu, sigmoid, tanh, exp, expm1, log, log1p, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
 identity rule, ``R_in = R_out``.
 """
@@ -509,6 +514,7 @@ def logaddexp_rule(exp: Callable[[Tensor], Tensor]):
         bad = ~torch.isfinite(s) | (s == 0)
         if s.device.type != "cpu" or bool(bad.any()):
             m = torch.maximum(a, b)
+            m = torch.where(torch.isfinite(m), m, 0.0)  # both -inf: no shift (shares 0)
             exact = _split_proportional(ctx.r, [exp(a - m), exp(b - m)])
             ra, rb = (torch.where(bad, e, t) for e, t in zip(exact, (ra, rb), strict=True))
         return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)]
