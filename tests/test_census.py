@@ -37,6 +37,10 @@ EXPECTED_EXPLAINED = {
     "elementwise": [
         "add", "sub", "mul", "div.no_rounding_mode", "rsub", "abs", "exp", "tanh", "sigmoid",
         "nn.functional.relu", "nn.functional.gelu", "addcmul", "lerp", "maximum", "fmin",
+        # element-wise binary ops (docs/rules.md 2.19)
+        "logaddexp", "logaddexp2", "hypot", "atan2", "copysign", "div.floor_rounding",
+        "div.trunc_rounding", "fmod", "remainder", "ldexp", "nextafter", "frexp", "fill",
+        "nn.functional.prelu", "special.xlog1py", "special.entr",
     ],
     "routing": [
         "reshape", "permute", "transpose", "cat", "stack", "split", "chunk", "flip", "roll",
@@ -74,7 +78,14 @@ EXPECTED_EXPLAINED = {
         "mm", "addmm", "addmv", "addr", "addbmm", "baddbmm", "bmm", "dot", "vdot", "matmul",
         "linalg.cross", "nn.functional.linear", "nn.functional.conv2d", "einsum",
     ],
-    "other": ["nn.functional.nll_loss", "nn.functional.cross_entropy", "nn.functional.l1_loss"],
+    "other": [
+        "nn.functional.nll_loss", "nn.functional.cross_entropy", "nn.functional.l1_loss",
+        # losses (docs/rules.md 2.19)
+        "nn.functional.mse_loss", "nn.functional.huber_loss", "nn.functional.smooth_l1_loss",
+        "nn.functional.soft_margin_loss", "nn.functional.binary_cross_entropy",
+        "nn.functional.binary_cross_entropy_with_logits", "nn.functional.multi_margin_loss",
+        "nn.functional.multilabel_margin_loss",
+    ],
 }  # fmt: skip
 # run too, not expected to be explained: a composite the recording cannot see (a specific
 # refusal, not a crash), and ops whose nodes have no rule

@@ -28,6 +28,11 @@ Fused, split like add (``Rules.add``) over their summands, then as above:
 - ``lerp(a, b, w) = (1 - w) * a + w * b``: ``R`` split over ``(1 - w) * a`` and ``w * b`` like add;
   a tensor weight is a constant (one that depends on data raises ``NotImplementedError``).
 
+Element-wise binary ops that are compositions of the above (``logaddexp``, ``hypot``, ``atan2``,
+``fmod``, ``ldexp``, ``prelu``, ``xlog1py``, ...) get the map of their written-out spelling; where
+the spellings disagree (``copysign``) or none exists (``nextafter``, ``fill``) the rule's docstring
+says what was chosen and why (``docs/rules.md`` 2.19).
+
 Unary (relu, gelu, silu, sigmoid, tanh, exp, expm1, log, log1p, pow, sqrt, rsqrt, abs, clamp, neg, dropout, ...):
 identity rule, ``R_in = R_out``.
 """
@@ -50,6 +55,7 @@ from .base import (
     has_unrecorded_input,
     product_term_unrecorded,
     saved,
+    self_unrecorded,
     sum_to_shape,
     with_facts,
 )
@@ -184,15 +190,18 @@ def _split_proportional(r: Tensor, mags: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def split_sum(ctx: RuleContext, terms: list[Tensor], mode: str) -> list[Tensor]:
+def split_sum(
+    ctx: RuleContext, terms: list[Tensor], mode: str, r: Tensor | None = None
+) -> list[Tensor]:
     """Split ``R`` of ``z = sum(terms)`` over the terms: ``R |t_i| / sum_j |t_j|``
     (``"proportional"``) or ``R t_i / stab(z)`` (``"signed"``, epsilon).
 
     Where the signed sum cancels to rounding level and below ``eps`` (:func:`cancelled`, e.g.
     ``x - amax(x)`` at the maximum), its shares ``+-R t_i / stab(z)`` have no meaningful sign and
     cancel only in floating point further down (book residuals up to ``1e-4`` of the seed at
-    ``eps = 1e-12``); there ``R`` is split proportionally instead, which conserves exactly."""
-    r = ctx.r
+    ``eps = 1e-12``); there ``R`` is split proportionally instead, which conserves exactly.
+    ``r``: the relevance to split (default ``ctx.r``, the node's output relevance)."""
+    r = ctx.r if r is None else r
     if mode == "proportional":
         return _split_proportional(r, [t.abs() for t in terms])
     z = terms[0]
@@ -280,7 +289,7 @@ def _rsub_rule(ctx: RuleContext):
 
 
 def _product_shares(
-    ctx: RuleContext, r: Tensor, slots, n_out: int, gate_slots=None
+    ctx: RuleContext, r: Tensor, slots, n_out: int, gate_slots=None, to_slot=None
 ) -> dict[int, Tensor]:
     """``R`` of a product of the factors in ``slots`` (``n_out`` elements).
 
@@ -297,7 +306,14 @@ def _product_shares(
 
     ``gate_slots``: the operands that can be a constant gate (default: all), for an op whose
     written-out spelling puts another op between an operand and the product (``x ** y`` is
-    ``exp(y * log(x))``: only ``y`` enters the product as it was produced)."""
+    ``exp(y * log(x))``: only ``y`` enters the product as it was produced).  ``to_slot``:
+    ``(slot, share) -> relevance of that input`` (default: undo broadcasting with
+    :func:`sum_to_shape`), for an operand broadcast otherwise (prelu's per-channel weight)."""
+    if to_slot is None:
+
+        def to_slot(s, t):
+            return sum_to_shape(t, ctx.input_shape(s))
+
     present = [s for s in slots if ctx.fn.next_functions[s][0] is not None]
     receivers = [s for s in present if ctx.data[s]] or present
     if len(receivers) == 2:
@@ -314,12 +330,12 @@ def _product_shares(
             if len(gates) == 1 and math.prod(ctx.input_shape(gates[0])) == n_out:
                 receivers = [s for s in receivers if s != gates[0]]
     share = r if len(receivers) == 1 else r * 0.5
-    out = {s: sum_to_shape(share, ctx.input_shape(s)) for s in receivers}
+    out = {s: to_slot(s, share) for s in receivers}
     for s in present:
         if (
             s not in out and ctx.wanted[s] and not ctx.data[s]
         ):  # a requested weight, read from its side
-            ctx.parameter[s] = sum_to_shape(r, ctx.input_shape(s))
+            ctx.parameter[s] = to_slot(s, r)
     return out
 
 
@@ -369,9 +385,12 @@ def _known_input(ctx: RuleContext, slot: int) -> Tensor | None:
         return None
 
 
-def _fill_missing(ctx: RuleContext, terms: list[Tensor | None], slots: list[int]) -> list[Tensor]:
+def _fill_missing(
+    ctx: RuleContext, terms: list[Tensor | None], slots: list[int], total: Tensor | None = None
+) -> list[Tensor]:
     """Summands of the output; one that is ``None`` (its operand ``slots[i]`` was not recorded
-    nor saved) is recovered as ``out - (the others)``, like the unrecorded operand of add."""
+    nor saved) is recovered as ``out - (the others)``, like the unrecorded operand of add.
+    ``total``: the sum of the summands when it is not the output (``hypot``: ``z**2``)."""
     missing = [i for i, t in enumerate(terms) if t is None]
     if not missing:
         return terms
@@ -380,7 +399,11 @@ def _fill_missing(ctx: RuleContext, terms: list[Tensor | None], slots: list[int]
             f"{ctx.fn.name()} (node {ctx.idx}): operands {[slots[i] for i in missing]} are "
             "constants autograd did not record and the node did not save. " + _UNRECORDED_ADVICE
         )
-    rest = _output_or_explain(ctx, slots[missing[0]], advice=_UNRECORDED_ADVICE)
+    rest = (
+        _output_or_explain(ctx, slots[missing[0]], advice=_UNRECORDED_ADVICE)
+        if total is None
+        else total
+    )
     for t in terms:
         if t is not None:
             rest = rest - t
@@ -466,6 +489,166 @@ def _self_op(fn):
 def _result_op(replay):
     """A unary op that saved its result: an arg node for its own output."""
     return _unary(replay, saved_outputs={0: "_saved_result"})
+
+
+# --- element-wise binary ops from the census (issue 14): each the map of its written-out spelling
+
+
+def logaddexp_rule(exp: Callable[[Tensor], Tensor]):
+    """``z = log(exp(a) + exp(b))`` (``logaddexp``; ``logaddexp2``: ``log2(2**a + 2**b)``).
+
+    Written out, ``log`` and ``exp`` pass relevance on unchanged and the add splits ``R`` over the
+    summands (``Rules.add``): ``R_a = R e^a / (e^a + e^b)`` (``R e^a / stab(e^a + e^b)`` signed),
+    sign-independent since both summands are positive.  Where ``e^a + e^b`` over- or underflows
+    the shares are computed from ``e^(a - m)``, ``e^(b - m)`` with ``m = max(a, b)`` (the same
+    proportions).  An unrecorded operand (a constant) absorbs its share like the constant of add.
+    """
+
+    def rule(ctx: RuleContext):
+        a, b = ctx.input_value(0), ctx.input_value(1)
+        ea, eb = exp(a), exp(b)
+        ra, rb = split_sum(ctx, [ea, eb], ctx.rules.add)
+        s = ea + eb
+        bad = ~torch.isfinite(s) | (s == 0)
+        if s.device.type != "cpu" or bool(bad.any()):
+            m = torch.maximum(a, b)
+            m = torch.where(torch.isfinite(m), m, 0.0)  # both -inf: no shift (shares 0)
+            exact = _split_proportional(ctx.r, [exp(a - m), exp(b - m)])
+            ra, rb = (torch.where(bad, e, t) for e, t in zip(exact, (ra, rb), strict=True))
+        return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)]
+
+    rule.__doc__ = logaddexp_rule.__doc__
+    return rule
+
+
+def hypot_rule(ctx: RuleContext):
+    """``z = hypot(a, b) = sqrt(a**2 + b**2)``: written out, ``sqrt`` and ``**2`` pass relevance
+    on unchanged and the add splits ``R`` over ``a**2`` and ``b**2`` (``Rules.add``):
+    ``R_a = R a^2 / (a^2 + b^2)``; an unrecorded operand absorbs its share (the node does not
+    save it: its square is recovered as ``z**2 - a**2``, ``z`` saved by the node)."""
+    a, b = _known_input(ctx, 0), _known_input(ctx, 1)
+    terms = [None if a is None else a * a, None if b is None else b * b]
+    if None in terms:
+        z = ctx.output_value(0)
+        terms = _fill_missing(ctx, terms, [0, 1], total=z * z)
+    ra, rb = split_sum(ctx, terms, ctx.rules.add)
+    return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)]
+
+
+def fmod_rule(divide: Callable[[Tensor, Tensor], Tensor]):
+    """``z = fmod(a, b) = a - k b`` with ``k = trunc(a / b)`` (``remainder``: ``floor(a / b)``).
+
+    ``k`` is piecewise constant (its gradient is 0 almost everywhere), so ``z`` is the sum of
+    ``a`` and ``-k b`` with a constant coefficient: ``R`` is split over the two summands like add
+    (``Rules.add``): ``R_a = R |a| / (|a| + |k b|)``, ``R_b = R |k b| / (|a| + |k b|)``; where
+    ``k = 0`` (``|a| < |b|``) ``a`` takes all.  The second summand is computed as ``z - a`` so the
+    two summands add up to ``z`` exactly.  Written out literally with ``floor(a / b)``, ``k``
+    would be a data factor of a product and take a share back to ``a`` and ``b``; the constant
+    ``k`` is the choice that keeps the map linear in ``a`` and ``b`` where it is (LRP-0 equals
+    gradient x input there).  A divisor that is a constant autograd did not record (and the node
+    did not save) is recovered from the output: the second summand is ``z - a``."""
+
+    def rule(ctx: RuleContext):
+        a, b = _known_input(ctx, 0), _known_input(ctx, 1)
+        t = None if a is None or b is None else divide(a, b) - a
+        ra, rb = split_sum(ctx, _fill_missing(ctx, [a, t], [0, 1]), ctx.rules.add)
+        return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)]
+
+    rule.__doc__ = fmod_rule.__doc__
+    return rule
+
+
+def quotient_rule(ctx: RuleContext):
+    """An element-wise map of a quotient or product of the two operands: ``atan2(a, b)`` written
+    out ``atan(a / b)`` (the quadrant's ``+-pi`` is part of the element-wise map),
+    ``div(a, b, rounding_mode)`` = ``floor(a / b)`` or ``trunc(a / b)``, ``ldexp(a, b)`` = ``a * 2**b``: the unary maps pass relevance on
+    unchanged, so ``R`` is split as for the product written out (:func:`product_rule`): ``R / 2``
+    to each full-shape data operand, all to the data (or full-shape) one otherwise, a requested
+    weight read from its side."""
+    shares = _product_shares(ctx, ctx.r, (0, 1), ctx.r.numel())
+    return [shares.get(0), shares.get(1)]
+
+
+def ldexp_rule(ctx: RuleContext):
+    """``ldexp(a, b) = a * 2**b``: the product rule of the written-out spelling
+    (:func:`quotient_rule`); with ``Rules.gates = "constant"`` only ``a`` enters the product as
+    it was produced (``2**b`` is a new tensor), so only ``a`` can be a constant gate."""
+    shares = _product_shares(ctx, ctx.r, (0, 1), ctx.r.numel(), gate_slots=(0,))
+    return [shares.get(0), shares.get(1)]
+
+
+def copysign_rule(ctx: RuleContext):
+    """``copysign(a, b)``: ``|a|`` with the sign of ``b``.  Its written-out spellings disagree:
+    ``abs(a) * sign(b)`` is a product of two data operands (``R / 2`` each), while
+    ``where(signbit(b), -abs(a), abs(a))`` routes (``b`` only in the condition: ``R_a = R``).  The
+    op is linear in ``a`` where ``b`` is fixed and piecewise constant in ``b`` (its gradient with
+    respect to ``b`` is 0), so we take the routing spelling, the one for which LRP-0 equals
+    gradient x input: ``R_a = R``, ``R_b = 0``."""
+    out = [_to_slot(ctx, 0, ctx.r), None]
+    if ctx.fn.next_functions[1][0] is not None:
+        out[1] = torch.zeros(ctx.input_shape(1), dtype=ctx.r.dtype, device=ctx.r.device)
+    return out
+
+
+def nextafter_rule(ctx: RuleContext):
+    """``nextafter(a, b)``: ``a`` moved one unit in the last place towards ``b``.  No written-out
+    spelling of table ops exists; the output is ``a`` up to rounding, and ``b`` only picks the
+    direction of the step (piecewise constant): ``R_a = R``, ``R_b = 0``."""
+    out = [_to_slot(ctx, 0, ctx.r), None]
+    if ctx.fn.next_functions[1][0] is not None:
+        out[1] = torch.zeros(ctx.input_shape(1), dtype=ctx.r.dtype, device=ctx.r.device)
+    return out
+
+
+def fill_rule(ctx: RuleContext):
+    """``fill(x, value)``: every output element is the fill value, ``x`` only gives the shape:
+    ``R_x = 0``.  A scalar value (``FillBackward0`` / ``FillBackward2``) absorbs ``R``; a tensor
+    value (``FillBackward1`` / ``FillBackward3``, the output is ``value`` expanded) takes ``R``
+    summed to its shape (absorbed where it was not recorded)."""
+    if ctx.n_inputs() == 1:
+        ctx.absorb(ctx.r)
+        return [None]
+    return [None, _to_slot(ctx, 1, ctx.r)]
+
+
+def _prelu_weight_view(w_shape, x_shape) -> list[int]:
+    """The shape in which prelu's weight broadcasts against ``x``: channels on dimension 1 (on
+    dimension 0 for a 1-D ``x``), or a single slope."""
+    n = math.prod(w_shape)
+    if n == 1 or len(x_shape) == 0:
+        return []
+    view = [1] * len(x_shape)
+    view[1 if len(x_shape) >= 2 else 0] = n
+    return view
+
+
+def prelu_rule(ctx: RuleContext):
+    """``prelu(x, w) = relu(x) + w * min(0, x)`` (``w`` per channel, dimension 1).
+
+    Written out: the add splits ``R`` over ``relu(x)`` and ``w * min(0, x)`` (``Rules.add``; one
+    of them is 0 at each element, so the nonzero one takes all of ``R`` up to the stabiliser);
+    ``relu`` and ``min(0, .)`` pass relevance on unchanged; the product's share goes by the
+    product rule (:func:`product_rule`): ``R / 2`` each when ``w`` depends on data (summed over
+    the elements that share a slope).  For a weight ``w`` the written-out spelling is an
+    element-wise region of the one data tensor ``x`` (``x`` branches into ``relu`` and ``min`` and
+    joins again, :mod:`dynamiclrp.regions`), whose rule is the identity: ``R_x = R`` under every
+    preset, and a requested ``w`` gets the product term's share read from its side."""
+    x, w = ctx.input_value(0), ctx.input_value(1)
+    w_shape = w.shape
+    view = _prelu_weight_view(w_shape, x.shape)
+    wb = w.reshape(view)
+    r_relu, r_prod = split_sum(ctx, [torch.relu(x), wb * x.clamp(max=0)], ctx.rules.add)
+
+    def to_slot(s, t):
+        if s == 0:
+            return sum_to_shape(t, ctx.input_shape(0))
+        return sum_to_shape(t, view).reshape(w_shape)
+
+    shares = _product_shares(ctx, r_prod, (0, 1), x.numel(), gate_slots=(1,), to_slot=to_slot)
+    if 1 not in shares:  # x the one data source: an element-wise region of x, identity
+        return [ctx.r, None]
+    r_x = r_relu if 0 not in shares else r_relu + shares[0]
+    return [r_x, shares.get(1)]
 
 
 TABLE = {
@@ -718,4 +901,157 @@ TABLE = {
         replay=lambda c: (c.inputs[1] - _alpha(c) * c.inputs[0],),
         unrecorded=has_unrecorded_input,
     ),
+    # --- census (issue 14): element-wise binary ops, each the map of its written-out spelling
+    "LogaddexpBackward0": OpEntry(
+        "elementwise-binary",
+        logaddexp_rule(torch.exp),
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.logaddexp(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+        elementwise=True,
+    ),
+    "Logaddexp2Backward0": OpEntry(
+        "elementwise-binary",
+        logaddexp_rule(torch.exp2),
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.logaddexp2(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+        elementwise=True,
+    ),
+    "HypotBackward0": OpEntry(
+        "elementwise-binary",
+        hypot_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (
+            torch.hypot(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+        elementwise=True,
+        unrecorded=has_unrecorded_input,
+    ),
+    "Atan2Backward0": OpEntry(
+        "elementwise-binary",
+        quotient_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.atan2(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+        factors=(0, 1),
+        elementwise=True,
+    ),
+    "DivBackward2": OpEntry(
+        "elementwise-binary",
+        quotient_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.div(
+                _operand(c, 0, "_saved_self"),
+                _operand(c, 1, "_saved_other"),
+                rounding_mode=c.saved("_saved_rounding_mode"),
+            ),
+        ),
+        factors=(0, 1),
+        elementwise=True,
+    ),
+    # copysign saves no sign operand: a constant one is unrecorded (its result is saved)
+    "CopysignBackward0": OpEntry(
+        "elementwise-binary",
+        copysign_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.copysign(c.inputs[0], c.inputs[1]),),
+        elementwise=True,
+        unrecorded=has_unrecorded_input,
+    ),
+    # ldexp saves its exponent and result, not the mantissa operand
+    "LdexpBackward0": OpEntry(
+        "elementwise-binary",
+        ldexp_rule,
+        saved_inputs={1: "_saved_other"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.ldexp(c.inputs[0], _operand(c, 1, "_saved_other")),),
+        factors=(0, 1),
+        elementwise=True,
+        unrecorded=self_unrecorded,
+    ),
+    "FmodBackward1": OpEntry(
+        "elementwise-binary",
+        fmod_rule(torch.fmod),
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.fmod(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+        elementwise=True,
+        unrecorded=has_unrecorded_input,
+    ),
+    "RemainderBackward1": OpEntry(
+        "elementwise-binary",
+        fmod_rule(torch.remainder),
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.remainder(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+        elementwise=True,
+        unrecorded=has_unrecorded_input,
+    ),
+    "NextafterBackward0": OpEntry(
+        "elementwise-binary",
+        nextafter_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.nextafter(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+        elementwise=True,
+        unrecorded=self_unrecorded,
+    ),
+    # frexp: the mantissa x / 2**e is an element-wise map of x (the exponent is an integer)
+    "FrexpBackward0": _unary(
+        lambda c: tuple(torch.frexp(c.inputs[0])), saved_outputs={1: "_saved_exponent"}
+    ),
+    # fill: the output is the fill value, whatever x holds (not an element-wise map of x, so no
+    # region looks through it); a scalar value is not saved (no replay)
+    "FillBackward0": OpEntry("elementwise-unary", fill_rule, unrecorded=always_unrecorded),
+    "FillBackward2": OpEntry("elementwise-unary", fill_rule, unrecorded=always_unrecorded),
+    "FillBackward1": OpEntry(
+        "elementwise-binary",
+        fill_rule,
+        replay=lambda c: (torch.fill(c.inputs[0], c.inputs[1]),),
+        unrecorded=has_unrecorded_input,
+    ),
+    "FillBackward3": OpEntry(
+        "elementwise-binary",
+        fill_rule,
+        replay=lambda c: (torch.fill(c.inputs[0], c.inputs[1]),),
+        unrecorded=has_unrecorded_input,
+    ),
+    "PreluKernelBackward0": OpEntry(
+        "elementwise-binary",
+        prelu_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_weight"},
+        replay=lambda c: (
+            torch._prelu_kernel(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_weight")),
+        ),
+        elementwise=True,
+    ),
+    # xlog1py(x, y) = x * log1p(y): the product rule of the written-out spelling, like xlogy
+    "SpecialXlog1PyBackward0": OpEntry(
+        "elementwise-binary",
+        log_product_rule(0),
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (
+            torch.special.xlog1py(_operand(c, 0, "_saved_self"), _operand(c, 1, "_saved_other")),
+        ),
+        elementwise=True,
+    ),
+    # one Python scalar: c * log1p(y) (SpecialXlog1PyBackward1) or x * log1p(c) (...Backward2)
+    "SpecialXlog1PyBackward1": _unary(
+        lambda c: (torch.special.xlog1py(c.saved("_saved_self"), c.inputs[0]),),
+    ),
+    "SpecialXlog1PyBackward2": _self_op(
+        lambda c, x: torch.special.xlog1py(x, c.saved("_saved_other"))
+    ),
+    # entr(x) = -x * log(x): the product of x and log(x) gives x R / 2 twice: R
+    "SpecialEntrBackward0": _self_op(lambda c, x: torch.special.entr(x)),
 }
