@@ -364,7 +364,7 @@ def make_plan(
     }
     first = _first_contractions(graph, entries, data, topo, earliest, first_kinds)
     merged = _batchnorm_pairs(graph, entries, data)
-    fused, fused_slot, fused_chain = _bias_add_pairs(graph, entries, data)
+    fused, fused_slot, fused_chain = _bias_add_pairs(graph, entries, data, reach)
     statistic = _statistic_factors(graph, entries, data)
     return Plan(
         graph.signature,
@@ -480,7 +480,7 @@ def _batchnorm_pairs(graph: Graph, entries, data: list[bool]) -> dict[int, int]:
     return pairs
 
 
-def _bias_add_pairs(graph: Graph, entries, data: list[bool]):
+def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
     """Adds of a constant (a bias, a buffer, a scalar, a parameter) to the output of a bias-free
     contraction with one data operand that nothing else consumes, through rearrangements only
     (reshapes, permutes: ``OpEntry.rearranges``): ``x @ W`` then ``+ b`` is recorded as ``mm``,
@@ -499,9 +499,13 @@ def _bias_add_pairs(graph: Graph, entries, data: list[bool]):
         if e is None or not e.sums:
             continue
         kids = graph.children[v]
-        d = [s for s in (0, 1) if kids[s] is not None and data[kids[s][0]]]
+        d = [s for s in range(len(kids)) if kids[s] is not None and data[kids[s][0]]]
         if len(d) != 1:
             continue
+        if len(kids) > 2 and any(
+            k is not None and reach[k[0]] for s, k in enumerate(kids) if s != d[0]
+        ):
+            continue  # a requested factor of addcmul's product term: its own share, unfused
         edge = kids[d[0]]
         out_shape = tuple(graph.fns[v]._input_metadata[0].shape)
         if tuple(graph.fns[edge[0]]._input_metadata[edge[1]].shape) != out_shape:
@@ -539,9 +543,9 @@ def _bias_path_slot(graph: Graph, entries, v: int) -> int | None:
     recorded = [s for s, k in enumerate(kids) if k is not None]
     if e is None or len(recorded) != 1:
         return None
-    if (e.rearranges and len(kids) == 1) or e.coefficient is not None:
+    if (e.rearranges and len(kids) == 1) or (e.coefficient is not None and not e.sums):
         return recorded[0]
-    return None
+    return None  # a sum (another constant added) ends the path: that sum is the layer's bias
 
 
 def _statistic_factors(graph: Graph, entries, data: list[bool]):
@@ -732,6 +736,8 @@ class _Run:
     def give_fused_constant(self, idx: int, relevance: Tensor) -> None:
         """The constant's share of a fused add (see :meth:`RuleContext.give_fused_constant`)."""
         add = self.plan.fused_bias[idx]
+        if len(self.graph.children[add]) != 2:
+            return  # addcmul's constant product term: its factors are not requested (the plan)
         slot = 1 - self.plan.fused_bias_slot[add]
         edge = self.graph.children[add][slot]
         if edge is None or not self.plan.reach[edge[0]]:

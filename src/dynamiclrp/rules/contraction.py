@@ -130,6 +130,8 @@ def contract(
         else:
             rb = sum_to_shape(res.bias, ctx.input_shape(bias_slot))
         outs[bias_slot] = rb
+    elif res.bias is not None:  # a frozen bias (not recorded): it absorbs its share all the same
+        ctx.absorb(res.bias)
     if ctx.wanted[sw]:
         ctx.parameter[sw] = parameter_relevance(rule, mm, x, w, bias, r, ctx.eps)
     return outs

@@ -423,10 +423,24 @@ def _to_slot(ctx: RuleContext, slot: int, rel: Tensor) -> Tensor:
     return sum_to_shape(rel, ctx.input_shape(slot))
 
 
+def _lerp_end_unrecorded(fn) -> bool:
+    """``lerp(a, b, w)`` with a tensor weight: ``a`` or ``b`` without grad, which the node does not
+    save (the weight it saves)."""
+    return fn.next_functions[0][0] is None or fn.next_functions[1][0] is None
+
+
+def _self_term(fn, slot: int):
+    """``addcmul`` / ``addcdiv`` as a sum: ``self`` enters with coefficient 1, the product term's
+    factors with none (they are not summands)."""
+    return 1.0 if slot == 0 else None
+
+
 def addc_rule(combine):
     """``z = self + value * combine(t1, t2)`` (``addcmul``: ``t1 * t2``; ``addcdiv``: ``t1 / t2``).
 
-    ``R`` is split over ``self`` and the product term ``p = value * combine(t1, t2)`` like add
+    A product term of constants added to a bias-free contraction's output is that layer's bias
+    (fused as for ``x @ W + c``, :func:`dynamiclrp.engine._bias_add_pairs`).  Otherwise ``R`` is
+    split over ``self`` and the product term ``p = value * combine(t1, t2)`` like add
     (``Rules.add``: ``R_self = R |self| / (|self| + |p|)``, or ``R self / stab(self + p)``); the
     product term's share ``R_p`` goes to ``t1`` and ``t2`` by the mul/div rule: ``R_p / 2`` each
     when both are full-shape data operands, all to the data (or full-shape) one otherwise.  With
@@ -434,6 +448,8 @@ def addc_rule(combine):
     """
 
     def rule(ctx: RuleContext):
+        if ctx.bias_partner() is not None:  # a constant product term: the contraction's bias
+            return [sum_to_shape(ctx.r, ctx.input_shape(0)), None, None]
         value = ctx.saved("_saved_value")
         t1, t2 = _known_input(ctx, 1), _known_input(ctx, 2)
         p = None if t1 is None or t2 is None else value * combine(t1, t2)
@@ -467,6 +483,36 @@ def lerp_rule(ctx: RuleContext):
     terms = [None if a is None else (1 - w) * a, None if b is None else w * b]
     ra, rb = split_sum(ctx, _fill_missing(ctx, terms, [0, 1]), ctx.rules.add)
     return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)] + [None] * (ctx.n_inputs() - 2)
+
+
+def scalar_sum_rule(sign: float):
+    """``z = sign * alpha * x + c`` with ``c`` a Python scalar the node does not save
+    (``torch.rsub(x, c)`` and ``c - x``: ``sign = -1``; ``AddBackward1`` / ``SubBackward1``:
+    ``sign = +1``, ``alpha`` folded into ``c``): the add rule (``Rules.add``) on the summands
+    ``sign * alpha * x`` and ``c = z - sign * alpha * x``, the constant absorbing its share, as
+    ``-(x - c)`` gets it (``SubBackward0``; the identity rule gave ``0.5 - x`` an LRP-0 map 23%
+    off gradient x input).  Needs the output value (a consumer's saved input, or ``record()``)."""
+
+    def rule(ctx: RuleContext):
+        coef = sign * (_alpha(ctx) if sign < 0 else 1)
+        x = ctx.input_value(0)
+        term = x if coef == 1 else coef * x
+        c = _output_or_explain(ctx, 1) - term
+        rx, rc = split_sum(ctx, [term, c], ctx.rules.add)
+        ctx.absorb(rc)
+        return (rx,)
+
+    return rule
+
+
+def _scalar_sum(sign: float) -> OpEntry:
+    return OpEntry(
+        "elementwise-binary",
+        scalar_sum_rule(sign),
+        needs_values=True,
+        elementwise=True,
+        unrecorded=always_unrecorded,
+    )
 
 
 def _unary(replay=None, saved_inputs=None, saved_outputs=None, coefficient=None) -> OpEntry:
@@ -691,9 +737,9 @@ TABLE = {
         elementwise=True,
     ),
     # a Python scalar operand: an element-wise map of one tensor
-    "AddBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
-    "SubBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
-    "RsubBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
+    "AddBackward1": _scalar_sum(1.0),
+    "SubBackward1": _scalar_sum(1.0),
+    "RsubBackward1": _scalar_sum(-1.0),
     "MulBackward1": _unary(
         lambda c: (c.inputs[0] * c.saved("_saved_other"),),
         coefficient=lambda fn, slot: float(fn._saved_other),
@@ -769,6 +815,8 @@ TABLE = {
         replay=lambda c: (torch.addcmul(*c.inputs, value=c.saved("_saved_value")),),
         elementwise=True,
         unrecorded=product_term_unrecorded,
+        sums=True,
+        coefficient=_self_term,
     ),
     "AddcdivBackward0": OpEntry(
         "elementwise-binary",
@@ -779,6 +827,8 @@ TABLE = {
         replay=lambda c: (torch.addcdiv(*c.inputs, value=c.saved("_saved_value")),),
         elementwise=True,
         unrecorded=product_term_unrecorded,
+        sums=True,
+        coefficient=_self_term,
     ),
     "LerpBackward0": OpEntry(
         "elementwise-binary",
@@ -795,6 +845,7 @@ TABLE = {
         saved_inputs={0: "_saved_self", 1: "_saved_end", 2: "_saved_weight"},
         replay=lambda c: (torch.lerp(*c.inputs),),
         elementwise=True,
+        unrecorded=_lerp_end_unrecorded,
     ),
     # --- added: the remaining element-wise unary nodes (identity rule) -------------------------
     "AtanBackward0": _self_op(lambda c, x: torch.atan(x)),

@@ -26,7 +26,10 @@ def norm_bias_unrecorded(fn) -> bool:
 
 def _bias_out(ctx: RuleContext, slot: int, rb, per_channel: bool = False):
     """The bias's share, summed to the bias's shape (per channel = dimension 1 for batch/group norm)."""
-    if rb is None or ctx.fn.next_functions[slot][0] is None:
+    if rb is None:
+        return None
+    if ctx.fn.next_functions[slot][0] is None:  # a frozen bias absorbs its share all the same
+        ctx.absorb(rb)
         return None
     if per_channel:
         return rb.sum([d for d in range(rb.dim()) if d != 1])
@@ -64,10 +67,14 @@ def _layer_norm(ctx: RuleContext):
     if w is not None:
         _weight_share(ctx, (x - mean) * scale, gy)
     rb = None
-    if b is not None and fn.next_functions[2][0] is not None:
+    if b is not None:
         lead = tuple(range(gy.dim() - b.dim()))
         rb = (gy.sum(lead) if lead else gy) * b
-        rb = sum_to_shape(rb, ctx.input_shape(2))
+        if fn.next_functions[2][0] is not None:
+            rb = sum_to_shape(rb, ctx.input_shape(2))
+        else:  # a frozen bias absorbs its share all the same
+            ctx.absorb(rb)
+            rb = None
     if w is not None and ctx.data[1] and not ctx.data[0]:
         # census (issue 14): x is a constant and the weight is data: y = xhat * w + b is linear
         # in w, the epsilon rule R_w = xhat * w * R / stab(y) (summed over the leading dims)
