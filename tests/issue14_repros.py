@@ -5,7 +5,8 @@ to see, for each, what it checks, the measured value and ``ok`` or ``FAILS``.  T
 independent of the code under test: autograd's gradient x input for LRP-0 (``"epsilon"`` at
 ``eps = 1e-12``, float64) on piecewise-affine functions, the map of an equivalent spelling, the
 bias's share ``sum b`` for the books, and the absence of an error where the expansion of the
-same op is explained.  docs/fuzzing.md ("Open failures") lists the same numbers.
+same op is explained.  docs/fuzzing.md lists the same numbers; ``tests/test_fuzz.py`` runs
+:func:`main` and fails on any ``FAILS`` line.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ def explains(f, x: torch.Tensor, recorded: bool) -> str:
     return "ok"
 
 
+FAILED: list[str] = []
+
+
 def report(name: str, value, ok: bool) -> None:
     print(f"{'ok   ' if ok else 'FAILS'} {name}: {value}")
+    if not ok:
+        FAILED.append(f"{name}: {value}")
 
 
 def main() -> None:
