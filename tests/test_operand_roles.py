@@ -117,6 +117,27 @@ def test_a_requested_bias_of_a_fused_layer_gets_its_share_and_changes_nothing_el
     assert float(both[1].abs().sum()) > 0
 
 
+@pytest.mark.parametrize("preset", ["epsilon", "dynamiclrp", "gamma"])
+def test_a_requested_product_of_a_fused_layer_gets_the_layer_less_the_bias(preset):
+    """``h = x @ W`` requested in ``h + c``: the data below still gets the fused layer's rule (the
+    same map as without the request), and ``h`` gets the layer's relevance less the constant's
+    share; under LRP-0 that is gradient x ``h``."""
+    x0 = torch.randn(5, 4)
+    c = torch.randn(3)
+    maps = []
+    for ask_h in (False, True):
+        x = x0.clone().requires_grad_(True)
+        h = x @ W
+        out = F.gelu(h + c) @ torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+        maps.append(dynamiclrp.explain(out, [x, h] if ask_h else x, rules=preset))
+    assert_close(maps[1][0], maps[0], 1e-12)
+    x = x0.clone().requires_grad_(True)
+    h = x @ W
+    out = h + c
+    r_h = dynamiclrp.explain(out, [x, h], rules=LRP0)[1]
+    assert_close(r_h, h.detach(), 1e-8)  # seeded with out itself: gradient x h is h
+
+
 # --- 2. weights, statistics and data factors of a product ------------------------------------------
 
 

@@ -50,6 +50,9 @@ class Plan:
     """Add-of-a-constant <-> contraction pairs, both ways (``Rules.canonize_bias``)."""
     fused_bias_slot: dict[int, int] = field(default_factory=dict)
     """For each fused add: the input slot holding the contraction's (reshaped) output."""
+    fused_edge: dict[int, Edge] = field(default_factory=dict)
+    """For each contraction of a fused pair: its output edge, the one the add reads through the
+    chain (a requested tensor there gets the layer's relevance less the bias's share)."""
     fused_chain: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     """For each fused add: the rearranging or scaling nodes between it and its contraction, top
     first, with the slot the path takes through each."""
@@ -364,7 +367,9 @@ def make_plan(
     }
     first = _first_contractions(graph, entries, data, topo, earliest, first_kinds)
     merged = _batchnorm_pairs(graph, entries, data)
-    fused, fused_slot, fused_chain = _bias_add_pairs(graph, entries, data, reach)
+    fused, fused_slot, fused_chain, fused_edge = _bias_add_pairs(
+        graph, entries, data, reach, set(requested)
+    )
     statistic = _statistic_factors(graph, entries, data)
     return Plan(
         graph.signature,
@@ -378,6 +383,7 @@ def make_plan(
         merged,
         fused,
         fused_slot,
+        fused_edge,
         fused_chain,
         statistic,
         probed=tuple(sorted(probed)),
@@ -480,7 +486,7 @@ def _batchnorm_pairs(graph: Graph, entries, data: list[bool]) -> dict[int, int]:
     return pairs
 
 
-def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
+def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool], requested: set):
     """Adds of a constant (a bias, a buffer, a scalar, a parameter) to the output of a bias-free
     contraction with one data operand that nothing else consumes, through rearrangements only
     (reshapes, permutes: ``OpEntry.rearranges``): ``x @ W`` then ``+ b`` is recorded as ``mm``,
@@ -495,6 +501,7 @@ def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
     pairs: dict[int, int] = {}
     slots: dict[int, int] = {}
     chains: dict[int, tuple[int, ...]] = {}
+    edges: dict[int, Edge] = {}
     for v, e in enumerate(entries):
         if e is None or not e.sums:
             continue
@@ -511,12 +518,16 @@ def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
         if tuple(graph.fns[edge[0]]._input_metadata[edge[1]].shape) != out_shape:
             continue  # the constant is not a bias: it broadcasts the product
         chain = []
+        on_path = [edge]
         while len(graph.consumers[edge]) == 1:
             through = _bias_path_slot(graph, entries, edge[0])
             if through is None:
                 break
             chain.append((edge[0], through))
             edge = graph.children[edge[0]][through]
+            on_path.append(edge)
+        if requested.intersection(on_path[:-1]):
+            continue  # a requested tensor between the add and the contraction: not one layer
         c, ce = edge[0], entries[edge[0]]
         if ce is None or not ce.fuses_bias:
             continue
@@ -530,7 +541,8 @@ def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
         pairs[v], pairs[c] = c, v
         slots[v] = d[0]
         chains[v] = tuple(chain)
-    return pairs, slots, chains
+        edges[c] = edge
+    return pairs, slots, chains, edges
 
 
 def _bias_path_slot(graph: Graph, entries, v: int) -> int | None:
@@ -664,6 +676,7 @@ class _Run:
         self.ledger = Ledger()
         self.report: RelevanceReport | None = None
         self._sent_now: list[tuple[Edge, Tensor]] = []  # given by the running rule to other edges
+        self._captured_now: dict[Edge, Tensor] = {}  # a requested edge's relevance, corrected
 
     # -- values for rules (RuleContext calls these) --------------------------------------------
 
@@ -733,8 +746,16 @@ class _Run:
                 c = c * s
         return c
 
-    def give_fused_constant(self, idx: int, relevance: Tensor) -> None:
-        """The constant's share of a fused add (see :meth:`RuleContext.give_fused_constant`)."""
+    def give_fused_constant(self, idx: int, relevance: Tensor, r_layer: Tensor) -> None:
+        """The constant's share of a fused add (see :meth:`RuleContext.give_fused_constant`).
+
+        A requested tensor at the contraction's output (``h`` of ``h + c``) gets the layer's
+        relevance less the constant's share, ``R_z - R_c``: what the add would have left it (for
+        the epsilon rule ``R_z f / stab(z)``, LRP-0 = gradient x ``h``), while the data below
+        gets the layer's rule, requested ``h`` or not."""
+        edge = self.plan.fused_edge.get(idx)
+        if edge is not None and edge in self.plan.requested:
+            self._captured_now[edge] = r_layer - relevance
         add = self.plan.fused_bias[idx]
         if len(self.graph.children[add]) != 2:
             return  # addcmul's constant product term: its factors are not requested (the plan)
@@ -808,6 +829,9 @@ class _Run:
                 for r, m in zip(rel, meta, strict=True)
             ]
             self._propagate(v, rel, store, sums, sent)
+            if self._captured_now:  # a rule corrected what a requested edge of its own received
+                captured.update(self._captured_now)
+                self._captured_now.clear()
         results, param_sums = [], {}
         for i, e in enumerate(requested):
             r = captured.get(e, store.get(e))

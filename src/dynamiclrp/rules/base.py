@@ -113,7 +113,9 @@ def always_unrecorded(fn) -> bool:
 
 
 def product_term_unrecorded(fn) -> bool:
-    """``self + c * t1 * t2``: ``self``, or both factors, are constants autograd did not record."""
+    """``self + c * t1 * t2`` (addcmul) or ``beta * self + alpha * (t1 @ t2)`` (addmm and kin):
+    ``self``, or both factors, are constants autograd did not record (and the node did not
+    save)."""
     nf = fn.next_functions
     return nf[0][0] is None or (nf[1][0] is None and nf[2][0] is None)
 
@@ -288,7 +290,7 @@ class RuleContext:
         """For a contraction fused with the add of a constant above it: pass the constant's share
         (``relevance``, in this node's output shape) to that constant when it is a requested input
         (a bias asked for in ``inputs``); the books count it as absorbed either way."""
-        self._engine.give_fused_constant(self.idx, relevance)
+        self._engine.give_fused_constant(self.idx, relevance, self.r)
 
     def fused_coefficient(self) -> float:
         """For a contraction fused with the add of a constant above it: the coefficient ``a`` of

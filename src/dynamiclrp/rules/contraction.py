@@ -28,8 +28,8 @@ from .base import (
     OpEntry,
     RuleContext,
     frozen_bias,
+    product_term_unrecorded,
     saved,
-    self_unrecorded,
     sum_to_shape,
     with_facts,
 )
@@ -124,6 +124,8 @@ def contract(
         ctx.absorb(res.bias)  # the merged bias: this layer's and the batch norm's / constant's
         if fused is not None:  # a requested constant (the bias of x @ W + b) gets its share
             ctx.give_fused_constant(res.bias)
+    elif fused is not None:  # a rule that gives the bias nothing: R_z all to the product
+        ctx.give_fused_constant(torch.zeros_like(ctx.r))
     elif bias_slot is not None and res.bias is not None and ctx.fn.next_functions[bias_slot][0]:
         if kind == "conv":  # the bias is per channel, dimension 1
             rb = res.bias.sum([d for d in range(res.bias.dim()) if d != 1])
@@ -401,10 +403,11 @@ TABLE = {
     "MvBackward0": _product(_mv_rule, "_saved_self", "_saved_vec"),
     "DotBackward0": _product(_dot_rule, "_saved_self", "_saved_tensor"),
     "AddmmBackward0": with_facts(
-        _added_product("_saved_mat1", "_saved_mat2", "contraction"), unrecorded=self_unrecorded
+        _added_product("_saved_mat1", "_saved_mat2", "contraction"),
+        unrecorded=product_term_unrecorded,
     ),
     "BaddbmmBackward0": with_facts(
-        _added_product("_saved_batch1", "_saved_batch2"), unrecorded=self_unrecorded
+        _added_product("_saved_batch1", "_saved_batch2"), unrecorded=product_term_unrecorded
     ),
     "ConvolutionBackward0": OpEntry(
         "contraction",
@@ -419,13 +422,14 @@ TABLE = {
     ),
     # --- census (issue 14)
     "AddmvBackward0": with_facts(
-        _added(_mv_map, "_saved_mat", "_saved_vec"), unrecorded=self_unrecorded
+        _added(_mv_map, "_saved_mat", "_saved_vec"), unrecorded=product_term_unrecorded
     ),
     "AddrBackward0": with_facts(
-        _added(_outer_map, "_saved_vec1", "_saved_vec2"), unrecorded=self_unrecorded
+        _added(_outer_map, "_saved_vec1", "_saved_vec2"), unrecorded=product_term_unrecorded
     ),
     "AddbmmBackward0": with_facts(
-        _added(_summed_bmm_map, "_saved_batch1", "_saved_batch2"), unrecorded=self_unrecorded
+        _added(_summed_bmm_map, "_saved_batch1", "_saved_batch2"),
+        unrecorded=product_term_unrecorded,
     ),
     "VdotBackward0": _product(_dot_rule, "_saved_self", "_saved_other"),
     "LinalgCrossBackward0": OpEntry(

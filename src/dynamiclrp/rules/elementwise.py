@@ -277,6 +277,11 @@ def _rsub_rule(ctx: RuleContext):
     """``z = other - alpha * self`` (``torch.rsub`` with two tensors, ``RsubBackward0``): the add
     rule (``Rules.add``) on the summands ``t_0 = -alpha * self`` and ``t_1 = other``; an
     unrecorded operand is recovered as ``z - (the other summand)`` and absorbs its share."""
+    if ctx.bias_partner() is not None:  # c - x @ W: the contraction's bias (engine fusion)
+        slot = ctx.fused_data_slot()
+        outs = [None, None]
+        outs[slot] = sum_to_shape(ctx.r, ctx.input_shape(slot))
+        return outs
     alpha = _alpha(ctx)
     x, y = _known_input(ctx, 0), _known_input(ctx, 1)
     terms = _fill_missing(ctx, [None if x is None else -alpha * x, y], [0, 1])
@@ -951,6 +956,8 @@ TABLE = {
         needs_values=True,
         replay=lambda c: (c.inputs[1] - _alpha(c) * c.inputs[0],),
         unrecorded=has_unrecorded_input,
+        sums=True,
+        coefficient=lambda fn, slot: -_alpha_of(fn) if slot == 0 else 1.0,
     ),
     # --- census (issue 14): element-wise binary ops, each the map of its written-out spelling
     "LogaddexpBackward0": OpEntry(
