@@ -354,15 +354,11 @@ def embedding_bag_rule(ctx: RuleContext):
     - ``mode="max"``: winner takes all per bag and feature, ``R`` to the rows whose element equals
       the output, ties between distinct rows split evenly; an empty bag's ``R`` is absorbed.
 
-    ``per_sample_weights`` that depend on the data (a product of two data operands) are refused."""
+    ``per_sample_weights`` that depend on the data: the map of the written-out spelling
+    (:func:`_bag_weighted`)."""
     fn = ctx.fn
     if ctx.n_inputs() > 1 and fn.next_functions[1][0] is not None and ctx.data[1]:
-        raise UncoveredOpError(
-            f"{fn.name()} (node {ctx.idx}): F.embedding_bag with per_sample_weights that depend "
-            "on the data is a product of two data operands inside one op, and is not supported. "
-            "Write it out, e.g. (W[indices] * psw[:, None]) summed per bag with index_add, or "
-            "pass per_sample_weights.detach() to hold them constant."
-        )
+        return _bag_weighted(ctx)
     mode = int(fn._saved_mode)
     if mode == _MAX:
         return _bag_max(ctx) + [None] * (ctx.n_inputs() - 1)
@@ -374,6 +370,49 @@ def embedding_bag_rule(ctx: RuleContext):
         rule = signed_linear_map(forward)
     # (the node's backward returns the table's gradient first: L^T of the table)
     return list(rule(ctx)) + [None] * (ctx.n_inputs() - 1)
+
+
+def _bag_weighted(ctx: RuleContext) -> list[Tensor | None]:
+    """``mode="sum"`` with data ``per_sample_weights`` ``p``: the map of the written-out spelling
+    ``zeros(B, D).index_add(0, bag, W[indices] * p[:, None])``.  The terms ``t_i = W[idx_i] *
+    p_i`` of bag ``b`` share ``R_b`` like add (``Rules.add``): ``R_t = |t| R / sum_b |t|``
+    (``"proportional"``) or ``R_t = t R / stab(z_b)`` (``"signed"``, the proportional split where
+    ``z_b`` cancels to rounding); each ``R_t`` then goes to the factors of its product: half to
+    the row of ``W`` and half to ``p_i`` (summed over the features) when both are data, all to the
+    data one when the other is constant (the uniform rule of a product, as for ``mul``).  An empty
+    bag's ``R`` (its output is the constant 0) is absorbed; padding rows contribute no term."""
+    fn = ctx.fn
+    w = ctx.input_value(0)
+    psw = fn._saved_per_sample_weights
+    indices = fn._saved_indices.reshape(-1)
+    bag = fn._saved_result1.reshape(-1)
+    if bag.numel() != indices.numel() or int(fn._saved_mode) != _SUM:
+        raise UncoveredOpError(f"{fn.name()} (node {ctx.idx}): unexpected offset2bag layout")
+    r = ctx.r
+    t = w[indices] * psw.reshape(-1, 1)
+    pad = saved(fn, "_saved_padding_idx")
+    if pad >= 0:
+        t = t.masked_fill((indices == pad)[:, None], 0)
+    m = t.abs()
+    mag = torch.zeros_like(r).index_add(0, bag, m)
+    if ctx.rules.add == "proportional":
+        rt = m * ratio(r, mag)[bag]
+    else:
+        z = torch.zeros_like(r).index_add(0, bag, t)
+        n = max(1, indices.numel() // max(1, r.shape[0]))
+        zero = cancelled(z, lambda: mag, n, ctx.eps)
+        if zero is None:
+            rt = t * safe_divide(r, z, ctx.eps)[bag]
+        else:
+            nil = torch.zeros((), dtype=r.dtype, device=r.device)
+            signed = safe_divide(torch.where(zero, nil, r), z, ctx.eps)[bag]
+            rt = t * signed + m * ratio(torch.where(zero, r, nil), mag)[bag]
+    ctx.absorb(r.masked_fill(mag > 0, 0))  # empty bags (or bags of zeros): a constant 0
+    takers = [s for s in (0, 1) if fn.next_functions[s][0] is not None and ctx.data[s]]
+    share = rt if len(takers) == 1 else rt * 0.5
+    rw = torch.zeros(w.shape, dtype=r.dtype, device=r.device).index_add(0, indices, share)
+    rp = share.sum(1).reshape(psw.shape)
+    return [rw if 0 in takers else None, rp if 1 in takers else None]
 
 
 def _bag_max(ctx: RuleContext) -> list[Tensor]:
