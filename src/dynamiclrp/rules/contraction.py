@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import UncoveredOpError
 from .base import (
     OpEntry,
     RuleContext,
@@ -435,3 +436,91 @@ TABLE = {
         operands=(0, 1),
     ),
 }
+
+
+# --- issue 14: the bilinear form of F.bilinear (TrilinearBackward0) ------------------------------
+
+
+def _bilinear_second_map() -> LinearMap:
+    """``y_bo = sum_j t_boj x2_bj`` (the second contraction of ``x1^T W x2``)."""
+    return LinearMap(
+        forward=lambda t, x: (t @ x.unsqueeze(-1)).squeeze(-1),
+        vjp_x=lambda g, t, x: g.unsqueeze(-1) * x.unsqueeze(-2),
+        vjp_w=lambda g, t, x: (g.unsqueeze(-1) * t).sum(-2),
+    )
+
+
+def _pair_rule(ctx: RuleContext, m: LinearMap, a, b, da: bool, db: bool, r):
+    """Relevance of ``z = m(a, b)`` (no bias) to ``a`` and ``b`` by the contraction rules: the
+    uniform rule between two data operands, else the layer rule (``Rules.dense``) of the data
+    operand with the other as its weight; ``None`` for a constant operand."""
+    if da and db:
+        return bilinear_uniform(m, a, b, r, ctx.eps)
+    if not (da or db):
+        return None, None
+    if db:
+        ra, rb = _pair_rule(ctx, _swap(m), b, a, True, False, r)
+        return rb, ra
+    return ctx.layer_rule("dense", b)(m, a, b, None, r, ctx.eps).x, None
+
+
+_BILINEAR = ((1, 3), (0,), (1, 2), (2, 3))
+
+
+def bilinear_form_rule(ctx: RuleContext):
+    """``y_bo = sum_ij x1_bi W_oij x2_bj`` (``F.bilinear`` without its bias, which is added by a
+    node of its own): the map of the written-out ``torch.einsum("bi,oij,bj->bo", x1, W, x2)``,
+    which contracts ``x1`` with ``W`` first: ``t_boj = sum_i x1_bi W_oij``, then
+    ``y_bo = sum_j t_boj x2_bj``.  Each contraction takes the contraction rules
+    (:func:`_pair_rule`): between two data operands the uniform rule (half of each product term
+    to each factor, ``R_t = t (g x2) / 2``, ``R_x2 = x2 (t^T g) / 2``, ``g = R / stab(y)``), and
+    the dense rule (``Rules.dense``, epsilon by default) where the other operand is a constant
+    (the weight ``W``): ``R_x1 = x1 * J^T(R_t / stab(t))`` for epsilon.  ``t`` is data where
+    ``x1`` or ``W`` is."""
+    fn = ctx.fn
+    layout = tuple(saved(fn, f"_saved_{k}") for k in ("expand1", "expand2", "expand3", "sumdim"))
+    x1, w, x2 = (ctx.input_value(s) for s in range(3))
+    if layout != _BILINEAR or x1.dim() != 2:
+        raise UncoveredOpError(
+            f"{fn.name()} (node {ctx.idx}): torch._trilinear with expand/sumdim {layout} is not "
+            "the bilinear form of F.bilinear ((1, 3), (0,), (1, 2), (2, 3)) and has no rule; "
+            "write it out with torch.einsum."
+        )
+    d1, dw, d2 = (fn.next_functions[s][0] is not None and ctx.data[s] for s in range(3))
+    o, i, j = w.shape
+    wm = w.permute(1, 0, 2).reshape(i, o * j)  # t = x1 @ wm, (B, o * j)
+    t = (x1 @ wm).reshape(-1, o, j)
+    rt, r2 = _pair_rule(ctx, _bilinear_second_map(), t, x2, d1 or dw, d2, ctx.r)
+    r1 = rw = None
+    if rt is not None:
+        r1, rwm = _pair_rule(ctx, matmul_map(), x1, wm, d1, dw, rt.reshape(-1, o * j))
+        if rwm is not None:
+            rw = rwm.reshape(i, o, j).permute(1, 0, 2)
+    return [r1, rw, r2]
+
+
+def _bilinear_replay(c):
+    fn = c.fn
+    return (
+        torch._trilinear(
+            *c.inputs,
+            saved(fn, "_saved_expand1"),
+            saved(fn, "_saved_expand2"),
+            saved(fn, "_saved_expand3"),
+            saved(fn, "_saved_sumdim"),
+        ),
+    )
+
+
+TABLE.update(
+    {
+        "TrilinearBackward0": OpEntry(
+            "contraction",
+            bilinear_form_rule,
+            saved_inputs={0: "_saved_i1", 1: "_saved_i2", 2: "_saved_i3"},
+            replay=_bilinear_replay,
+            kind="dense",
+            operands=(0, 1),
+        ),
+    }
+)
