@@ -476,28 +476,13 @@ def test_rearranging_ops_keep_the_books_and_name_the_first_bad_op(name: str) -> 
         dynamiclrp.explain(z, x32, relevance=torch.full_like(z, 1e37))
 
 
-@pytest.mark.parametrize(
-    "f",
-    [
-        lambda x: F.max_unpool1d(x.unsqueeze(0), torch.zeros(1, 3, 4, dtype=torch.long), 2),
-        lambda x: x.index_copy(1, torch.tensor([1, 1]), x[:, 2:]),
-        lambda x: x.put(torch.tensor([4, 4]), x[0, :2]),
-        lambda x: x.put(torch.tensor([-1, 11]), x[0, :2]),
-        lambda x: x.put(torch.tensor([4, 5]), x[0, :2], accumulate=True),
-    ],
-    ids=[
-        "unpool_duplicates",
-        "index_copy_duplicates",
-        "put_duplicates",
-        "put_negative_duplicates",
-        "put_accumulate",
-    ],
-)
-def test_census_writes_that_meet_are_refused(f) -> None:
-    """Duplicate indices: the gradient reaches every writer though only the last write is kept,
-    so routing like it would duplicate relevance; accumulating is a sum.  Both refused."""
+def test_census_writes_that_meet_are_refused() -> None:
+    """index_copy with duplicate indices: the gradient reaches every writer though only the last
+    write is kept, so routing like it would duplicate relevance: refused (put and max_unpool
+    read the winner from the values instead, issue 14 below)."""
     x = randn(gen(60), 3, 4, grad=True)
-    with pytest.raises(dynamiclrp.UncoveredOpError, match="duplicate indices|accumulates"):
+    f = lambda x: x.index_copy(1, torch.tensor([1, 1]), x[:, 2:])  # noqa: E731
+    with pytest.raises(dynamiclrp.UncoveredOpError, match="duplicate indices"):
         dynamiclrp.explain(f(x), x)
 
 
