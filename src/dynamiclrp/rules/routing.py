@@ -325,23 +325,56 @@ def _unpool_by_value(dims: int):
 
 
 def _strided_positions(ctx: RuleContext) -> Tensor:
-    """The flat output positions ``as_strided_scatter`` writes, in ``src``'s element order (the
-    output laid out contiguously, as the op's result is)."""
-    shape = ctx.r.shape
-    flat = torch.arange(shape.numel(), device=ctx.r.device).reshape(shape)
+    """The flat output positions ``as_strided_scatter`` writes, in ``src``'s element order: those
+    of the strided view of a contiguous output.  The output has ``self``'s layout, and autograd
+    does not save it: a ``self`` that requires grad must be contiguous (PyTorch checks), and
+    PyTorch's own backward assumes a contiguous one too.  Where the output and ``src`` values are
+    at hand they are checked against each other, and a mismatch (a non-contiguous constant
+    ``self``) is refused."""
+    from ..errors import UncoveredOpError
+
+    r = ctx.r
+    flat = torch.arange(r.numel(), device=r.device).reshape(r.shape)
     view = flat.as_strided(
         ctx.saved("_saved_size"), ctx.saved("_saved_stride"), ctx.saved("_saved_storage_offset")
     )
-    return view.reshape(1, -1)
+    pos = view.reshape(-1)
+    out, src = ctx.known_output(0), ctx.known_input(1)
+    if (
+        out is not None
+        and src is not None
+        and not bool((out.reshape(-1)[pos] == src.reshape(-1)).all())
+    ):
+        raise UncoveredOpError(
+            f"{ctx.fn.name()} (node {ctx.idx}): the output of as_strided_scatter does not hold "
+            "src where a contiguous layout puts it: `self` was not contiguous, and autograd "
+            "does not record its layout. Pass self.contiguous()."
+        )
+    return pos
 
 
-def _strided_by_value(ctx: RuleContext):
-    """``as_strided_scatter`` onto a view whose elements overlap (:func:`_route_by_value`)."""
-    out = ctx.output_value(0).reshape(-1)
-    src = ctx.input_value(1).reshape(-1)
-    rs, count = _route_by_value(ctx, _strided_positions(ctx).reshape(-1), src, out)
-    r_self = ctx.r.masked_fill(count.reshape(ctx.r.shape) > 0, 0)
-    return r_self, rs.reshape(ctx.input_shape(1))
+def strided_scatter_rule(ctx: RuleContext):
+    """``out = as_strided_scatter(self, src, size, stride, storage_offset)``: a copy of ``self``
+    with ``src`` written into a strided view of it, so routing: ``R_self = R`` where nothing was
+    written, ``R_src = R`` at the position each element was written to (the positions from
+    :func:`_strided_positions`; PyTorch refuses a view whose elements overlap, so no two writes
+    meet).  Not the node's backward: its gradient for ``self`` is the mask of the written
+    positions instead of its complement (PyTorch 2.x, ``gradcheck`` fails), which would route
+    relevance to the overwritten elements."""
+    from ..errors import UncoveredOpError
+
+    pos = _strided_positions(ctx)
+    r = ctx.r.reshape(-1)
+    ones = torch.ones(pos.shape, dtype=r.dtype, device=r.device)
+    count = torch.zeros_like(r).index_add_(0, pos, ones)
+    if bool((count > 1).any()):
+        raise UncoveredOpError(
+            f"{ctx.fn.name()} (node {ctx.idx}) writes several source elements into one output "
+            "element (an overlapping strided view): which write wins is unspecified."
+        )
+    r_self = r.masked_fill(count > 0, 0).reshape(ctx.r.shape)
+    src_recorded = ctx.fn.next_functions[1][0] is not None
+    return r_self, r[pos].reshape(ctx.input_shape(1)) if src_recorded else None
 
 
 def _strided_scatter_replay(c: ReplayContext):
@@ -775,8 +808,7 @@ TABLE = {
     # a copy of self with src written into a strided view of it: routing, by value on overlaps
     "AsStridedScatterBackward0": OpEntry(
         "routing",
-        _distinct_writes("source elements", _strided_positions, by_value=_strided_by_value),
-        needs_values=True,
+        strided_scatter_rule,
         replay=_strided_scatter_replay,
     ),
 }
