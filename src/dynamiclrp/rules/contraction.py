@@ -394,50 +394,6 @@ def _added(m: Callable[[], LinearMap], first: str, second: str) -> OpEntry:
     )
 
 
-TABLE = {
-    "MmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2", "contraction"),
-    "BmmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
-    "MvBackward0": _product(_mv_rule, "_saved_self", "_saved_vec"),
-    "DotBackward0": _product(_dot_rule, "_saved_self", "_saved_tensor"),
-    "AddmmBackward0": with_facts(
-        _added_product("_saved_mat1", "_saved_mat2", "contraction"), unrecorded=self_unrecorded
-    ),
-    "BaddbmmBackward0": with_facts(
-        _added_product("_saved_batch1", "_saved_batch2"), unrecorded=self_unrecorded
-    ),
-    "ConvolutionBackward0": OpEntry(
-        "contraction",
-        _conv_rule,
-        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
-        replay=_conv_replay,
-        kind="conv",
-        operands=(0, 1),
-        canonize="contraction",
-        fuses_bias=True,
-        unrecorded=conv_bias_unrecorded,
-    ),
-    # --- census (issue 14)
-    "AddmvBackward0": with_facts(
-        _added(_mv_map, "_saved_mat", "_saved_vec"), unrecorded=self_unrecorded
-    ),
-    "AddrBackward0": with_facts(
-        _added(_outer_map, "_saved_vec1", "_saved_vec2"), unrecorded=self_unrecorded
-    ),
-    "AddbmmBackward0": with_facts(
-        _added(_summed_bmm_map, "_saved_batch1", "_saved_batch2"), unrecorded=self_unrecorded
-    ),
-    "VdotBackward0": _product(_dot_rule, "_saved_self", "_saved_other"),
-    "LinalgCrossBackward0": OpEntry(
-        "contraction",
-        _cross_rule,
-        saved_inputs={0: "_saved_self", 1: "_saved_other"},
-        replay=lambda c: (torch.linalg.cross(c.inputs[0], c.inputs[1], dim=c.saved("_saved_dim")),),
-        kind="dense",
-        operands=(0, 1),
-    ),
-}
-
-
 # --- issue 14: the bilinear form of F.bilinear (TrilinearBackward0) ------------------------------
 
 
@@ -512,15 +468,54 @@ def _bilinear_replay(c):
     )
 
 
-TABLE.update(
-    {
-        "TrilinearBackward0": OpEntry(
-            "contraction",
-            bilinear_form_rule,
-            saved_inputs={0: "_saved_i1", 1: "_saved_i2", 2: "_saved_i3"},
-            replay=_bilinear_replay,
-            kind="dense",
-            operands=(0, 1),
-        ),
-    }
-)
+TABLE = {
+    "MmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2", "contraction"),
+    "BmmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
+    "MvBackward0": _product(_mv_rule, "_saved_self", "_saved_vec"),
+    "DotBackward0": _product(_dot_rule, "_saved_self", "_saved_tensor"),
+    "AddmmBackward0": with_facts(
+        _added_product("_saved_mat1", "_saved_mat2", "contraction"), unrecorded=self_unrecorded
+    ),
+    "BaddbmmBackward0": with_facts(
+        _added_product("_saved_batch1", "_saved_batch2"), unrecorded=self_unrecorded
+    ),
+    "ConvolutionBackward0": OpEntry(
+        "contraction",
+        _conv_rule,
+        saved_inputs={0: "_saved_input", 1: "_saved_weight"},
+        replay=_conv_replay,
+        kind="conv",
+        operands=(0, 1),
+        canonize="contraction",
+        fuses_bias=True,
+        unrecorded=conv_bias_unrecorded,
+    ),
+    # --- census (issue 14)
+    "AddmvBackward0": with_facts(
+        _added(_mv_map, "_saved_mat", "_saved_vec"), unrecorded=self_unrecorded
+    ),
+    "AddrBackward0": with_facts(
+        _added(_outer_map, "_saved_vec1", "_saved_vec2"), unrecorded=self_unrecorded
+    ),
+    "AddbmmBackward0": with_facts(
+        _added(_summed_bmm_map, "_saved_batch1", "_saved_batch2"), unrecorded=self_unrecorded
+    ),
+    "VdotBackward0": _product(_dot_rule, "_saved_self", "_saved_other"),
+    "LinalgCrossBackward0": OpEntry(
+        "contraction",
+        _cross_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        replay=lambda c: (torch.linalg.cross(c.inputs[0], c.inputs[1], dim=c.saved("_saved_dim")),),
+        kind="dense",
+        operands=(0, 1),
+    ),
+    # --- issue 14, docs/rules.md 2.20
+    "TrilinearBackward0": OpEntry(
+        "contraction",
+        bilinear_form_rule,
+        saved_inputs={0: "_saved_i1", 1: "_saved_i2", 2: "_saved_i3"},
+        replay=_bilinear_replay,
+        kind="dense",
+        operands=(0, 1),
+    ),
+}

@@ -408,106 +408,6 @@ def _norm_entry() -> OpEntry:
     )
 
 
-TABLE = {
-    "SumBackward0": _entry(lambda fn, x: x.sum(), saved_self=False),
-    "SumBackward1": _entry(_sum_dims, saved_self=False),
-    "MeanBackward0": _entry(lambda fn, x: x.mean(), saved_self=False),
-    "MeanBackward1": _entry(_mean_dims, saved_self=False),
-    "CumsumBackward0": _entry(
-        lambda fn, x: torch.cumsum(x, saved(fn, "_saved_dim")), saved_self=False
-    ),
-    "AvgPool2DBackward0": _entry(_avg_pool(2), saved_self=True),
-    "AvgPool3DBackward0": _entry(_avg_pool(3), saved_self=True),
-    "AdaptiveAvgPool2DBackward0": _entry(_adaptive_avg(2), saved_self=True),
-    "AdaptiveAvgPool3DBackward0": _entry(_adaptive_avg(3), saved_self=True),
-    "LinalgVectorNormBackward0": OpEntry(
-        "reduction",
-        norm_rule,
-        saved_inputs={0: "_saved_self"},
-        saved_outputs={0: "_saved_result"},
-        replay=lambda c: (
-            torch.linalg.vector_norm(
-                c.inputs[0],
-                c.saved("_saved_ord"),
-                c.saved("_saved_dim"),
-                c.saved("_saved_keepdim"),
-            ),
-        ),
-    ),
-    "VarBackward0": _moment_entry(torch.var),
-    "StdBackward0": _moment_entry(torch.std, "_saved_result"),
-    "VarMeanBackward0": _moment_entry(torch.var_mean),
-    "StdMeanBackward0": _moment_entry(torch.std_mean, "_saved_result0"),
-    "ProdBackward0": _prod_entry(),
-    "ProdBackward1": _prod_entry(),
-    "CumprodBackward0": OpEntry(
-        "reduction",
-        cumprod_rule,
-        saved_inputs={0: "_saved_self"},
-        saved_outputs={0: "_saved_result"},
-        replay=lambda c: (torch.cumprod(c.inputs[0], c.saved("_saved_dim")),),
-    ),
-    # --- census (issue 14): reductions found by benchmarks/census.py
-    # trace = sum of the diagonal: linear, coefficients 1 (the backward scatters onto it)
-    "TraceBackward0": _entry(lambda fn, x: torch.trace(x), saved_self=False),
-    # nansum = sum of the non-NaN elements (an input to explain is finite: a plain sum there)
-    "NansumBackward0": _entry(_nansum, saved_self=True),
-    # torch.norm (aten::norm): the p-norm rule of linalg.vector_norm, p read from _saved_p
-    "NormBackward0": _norm_entry(),
-    "NormBackward1": _norm_entry(),
-    "NormBackward2": _norm_entry(),
-    "NormBackward3": _norm_entry(),
-    "DistBackward0": OpEntry(
-        "reduction",
-        dist_rule,
-        saved_inputs={0: "_saved_self", 1: "_saved_other"},
-        saved_outputs={0: "_saved_result"},
-        replay=lambda c: (torch.dist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
-    ),
-    "CdistBackward0": OpEntry(
-        "reduction",
-        cdist_rule,
-        saved_inputs={0: "_saved_x1", 1: "_saved_x2"},
-        saved_outputs={0: "_saved_result"},
-        replay=lambda c: (torch.cdist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
-    ),
-    "PdistBackward0": OpEntry(
-        "reduction",
-        pdist_rule,
-        saved_inputs={0: "_saved_self"},
-        saved_outputs={0: "_saved_result"},
-        replay=lambda c: (torch.nn.functional.pdist(c.inputs[0], _norm_order(c.fn)),),
-    ),
-    "NllLossBackward0": _entry(
-        _nll(torch.ops.aten.nll_loss.default),
-        saved_self=True,
-        rule=signed_linear_map(_nll(torch.ops.aten.nll_loss.default)),
-    ),
-    "NllLoss2DBackward0": _entry(
-        _nll(torch.ops.aten.nll_loss2d.default),
-        saved_self=True,
-        rule=signed_linear_map(_nll(torch.ops.aten.nll_loss2d.default)),
-    ),
-    # interpolation: linear maps with the coefficients of the aten op autograd recorded
-    "UpsampleLinear1DBackward0": _upsample_entry(
-        torch.ops.aten.upsample_linear1d.default, ("scales",)
-    ),
-    "UpsampleBilinear2DBackward0": _upsample_entry(torch.ops.aten.upsample_bilinear2d.default, _HW),
-    "UpsampleTrilinear3DBackward0": _upsample_entry(
-        torch.ops.aten.upsample_trilinear3d.default, ("scales_d", *_HW)
-    ),
-    "UpsampleBilinear2DAaBackward0": _upsample_entry(
-        torch.ops.aten._upsample_bilinear2d_aa.default, _HW
-    ),
-    "UpsampleBicubic2DBackward0": _upsample_entry(
-        torch.ops.aten.upsample_bicubic2d.default, _HW, signed=True
-    ),
-    "UpsampleBicubic2DAaBackward0": _upsample_entry(
-        torch.ops.aten._upsample_bicubic2d_aa.default, _HW, signed=True
-    ),
-}
-
-
 # --- issue 14: log-sum-exp, renorm, sampling by a grid ----------------------------------------
 
 
@@ -611,32 +511,127 @@ def _grid_entry(op) -> OpEntry:
     )
 
 
-TABLE.update(
-    {
-        # log(sum(exp x)): R split by softmax over the reduced dims (the written-out map)
-        "LogsumexpBackward0": OpEntry(
-            "reduction",
-            logsumexp_rule,
-            saved_inputs={0: "_saved_self"},
-            saved_outputs={0: "_saved_result"},
-            replay=_logsumexp_replay,
+TABLE = {
+    "SumBackward0": _entry(lambda fn, x: x.sum(), saved_self=False),
+    "SumBackward1": _entry(_sum_dims, saved_self=False),
+    "MeanBackward0": _entry(lambda fn, x: x.mean(), saved_self=False),
+    "MeanBackward1": _entry(_mean_dims, saved_self=False),
+    "CumsumBackward0": _entry(
+        lambda fn, x: torch.cumsum(x, saved(fn, "_saved_dim")), saved_self=False
+    ),
+    "AvgPool2DBackward0": _entry(_avg_pool(2), saved_self=True),
+    "AvgPool3DBackward0": _entry(_avg_pool(3), saved_self=True),
+    "AdaptiveAvgPool2DBackward0": _entry(_adaptive_avg(2), saved_self=True),
+    "AdaptiveAvgPool3DBackward0": _entry(_adaptive_avg(3), saved_self=True),
+    "LinalgVectorNormBackward0": OpEntry(
+        "reduction",
+        norm_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (
+            torch.linalg.vector_norm(
+                c.inputs[0],
+                c.saved("_saved_ord"),
+                c.saved("_saved_dim"),
+                c.saved("_saved_keepdim"),
+            ),
         ),
-        "LogcumsumexpBackward0": OpEntry(
-            "reduction",
-            logsumexp_rule,
-            saved_inputs={0: "_saved_self"},
-            saved_outputs={0: "_saved_result"},
-            replay=lambda c: (torch.logcumsumexp(c.inputs[0], c.saved("_saved_dim")),),
-        ),
-        # x times a statistic of x per sub-tensor: x takes all
-        "RenormBackward0": OpEntry(
-            "reduction",
-            renorm_rule,
-            saved_inputs={0: "_saved_self"},
-            replay=_renorm_replay,
-        ),
-        # linear in the input for a fixed grid
-        "GridSampler2DBackward0": _grid_entry(torch.ops.aten.grid_sampler_2d.default),
-        "GridSampler3DBackward0": _grid_entry(torch.ops.aten.grid_sampler_3d.default),
-    }
-)
+    ),
+    "VarBackward0": _moment_entry(torch.var),
+    "StdBackward0": _moment_entry(torch.std, "_saved_result"),
+    "VarMeanBackward0": _moment_entry(torch.var_mean),
+    "StdMeanBackward0": _moment_entry(torch.std_mean, "_saved_result0"),
+    "ProdBackward0": _prod_entry(),
+    "ProdBackward1": _prod_entry(),
+    "CumprodBackward0": OpEntry(
+        "reduction",
+        cumprod_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.cumprod(c.inputs[0], c.saved("_saved_dim")),),
+    ),
+    # --- census (issue 14): reductions found by benchmarks/census.py
+    # trace = sum of the diagonal: linear, coefficients 1 (the backward scatters onto it)
+    "TraceBackward0": _entry(lambda fn, x: torch.trace(x), saved_self=False),
+    # nansum = sum of the non-NaN elements (an input to explain is finite: a plain sum there)
+    "NansumBackward0": _entry(_nansum, saved_self=True),
+    # torch.norm (aten::norm): the p-norm rule of linalg.vector_norm, p read from _saved_p
+    "NormBackward0": _norm_entry(),
+    "NormBackward1": _norm_entry(),
+    "NormBackward2": _norm_entry(),
+    "NormBackward3": _norm_entry(),
+    "DistBackward0": OpEntry(
+        "reduction",
+        dist_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_other"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.dist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
+    ),
+    "CdistBackward0": OpEntry(
+        "reduction",
+        cdist_rule,
+        saved_inputs={0: "_saved_x1", 1: "_saved_x2"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.cdist(c.inputs[0], c.inputs[1], _norm_order(c.fn)),),
+    ),
+    "PdistBackward0": OpEntry(
+        "reduction",
+        pdist_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.nn.functional.pdist(c.inputs[0], _norm_order(c.fn)),),
+    ),
+    "NllLossBackward0": _entry(
+        _nll(torch.ops.aten.nll_loss.default),
+        saved_self=True,
+        rule=signed_linear_map(_nll(torch.ops.aten.nll_loss.default)),
+    ),
+    "NllLoss2DBackward0": _entry(
+        _nll(torch.ops.aten.nll_loss2d.default),
+        saved_self=True,
+        rule=signed_linear_map(_nll(torch.ops.aten.nll_loss2d.default)),
+    ),
+    # interpolation: linear maps with the coefficients of the aten op autograd recorded
+    "UpsampleLinear1DBackward0": _upsample_entry(
+        torch.ops.aten.upsample_linear1d.default, ("scales",)
+    ),
+    "UpsampleBilinear2DBackward0": _upsample_entry(torch.ops.aten.upsample_bilinear2d.default, _HW),
+    "UpsampleTrilinear3DBackward0": _upsample_entry(
+        torch.ops.aten.upsample_trilinear3d.default, ("scales_d", *_HW)
+    ),
+    "UpsampleBilinear2DAaBackward0": _upsample_entry(
+        torch.ops.aten._upsample_bilinear2d_aa.default, _HW
+    ),
+    "UpsampleBicubic2DBackward0": _upsample_entry(
+        torch.ops.aten.upsample_bicubic2d.default, _HW, signed=True
+    ),
+    "UpsampleBicubic2DAaBackward0": _upsample_entry(
+        torch.ops.aten._upsample_bicubic2d_aa.default, _HW, signed=True
+    ),
+    # --- issue 14, docs/rules.md 2.20
+    # log(sum(exp x)): R split by softmax over the reduced dims (the written-out map)
+    "LogsumexpBackward0": OpEntry(
+        "reduction",
+        logsumexp_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=_logsumexp_replay,
+    ),
+    "LogcumsumexpBackward0": OpEntry(
+        "reduction",
+        logsumexp_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.logcumsumexp(c.inputs[0], c.saved("_saved_dim")),),
+    ),
+    # x times a statistic of x per sub-tensor: x takes all
+    "RenormBackward0": OpEntry(
+        "reduction",
+        renorm_rule,
+        saved_inputs={0: "_saved_self"},
+        replay=_renorm_replay,
+    ),
+    # linear in the input for a fixed grid
+    "GridSampler2DBackward0": _grid_entry(torch.ops.aten.grid_sampler_2d.default),
+    "GridSampler3DBackward0": _grid_entry(torch.ops.aten.grid_sampler_3d.default),
+}

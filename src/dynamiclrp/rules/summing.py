@@ -481,51 +481,6 @@ def _unfold_replay(c: ReplayContext):
     )
 
 
-TABLE = {
-    "ScatterAddBackward0": OpEntry(
-        "reduction",
-        scatter_add_rule,
-        needs_values=True,
-        replay=_scatter_add_replay,
-        unrecorded=self_unrecorded,
-    ),
-    "ScatterBackward0": OpEntry(
-        "routing", scatter_rule, replay=_scatter_replay, unrecorded=self_unrecorded
-    ),
-    "ScatterBackward1": OpEntry(
-        "routing", scatter_rule, replay=_scatter_replay, unrecorded=self_unrecorded
-    ),
-    "ScatterReduceBackward0": OpEntry(
-        "reduction",
-        scatter_reduce_rule,
-        saved_inputs={0: "_saved_self", 1: "_saved_src"},
-        saved_outputs={0: "_saved_result"},
-        replay=lambda c: (_scatter_reduce_forward(c.fn)(c.inputs[0], c.inputs[1]),),
-    ),
-    "IndexPutBackward0": OpEntry(
-        "reduction",
-        index_put_rule,
-        needs_values=True,
-        replay=_index_put_replay,
-        unrecorded=self_unrecorded,
-    ),
-    "EmbeddingBagBackward0": OpEntry(
-        "reduction",
-        embedding_bag_rule,
-        saved_inputs={0: "_saved_weight"},
-        replay=_bag_replay,
-        source=True,
-    ),
-    "Col2ImBackward0": OpEntry(
-        "reduction",
-        linear_reduction(_fold_forward),
-        needs_values=True,
-        replay=lambda c: (_fold_forward(c.fn, c.inputs[0]),),
-    ),
-    "Im2ColBackward0": OpEntry("routing", route_like_gradient, replay=_unfold_replay),
-}
-
-
 # --- issue 14: index_reduce, segment_reduce, masked index_put accumulate ------------------------
 
 
@@ -731,31 +686,71 @@ def _masked_put_replay(c: ReplayContext):
     return (_masked_put_forward(c.fn)(c.inputs[0], c.inputs[1]),)
 
 
-TABLE.update(
-    {
-        # index_reduce: the scatter_reduce it equals (index broadcast along dim)
-        "IndexReduceBackward0": OpEntry(
-            "reduction",
-            index_reduce_rule,
-            saved_inputs={0: "_saved_self", 1: "_saved_source"},
-            saved_outputs={0: "_saved_result"},
-            replay=_index_reduce_replay,
-        ),
-        # per-segment sum / mean / max / min / prod
-        "SegmentReduceBackward0": OpEntry(
-            "reduction",
-            segment_reduce_rule,
-            saved_inputs={0: "_saved_data"},
-            saved_outputs={0: "_saved_result"},
-            replay=_segment_replay,
-        ),
-        # index_put(accumulate=True) of the values where mask holds
-        "UnsafeMaskedIndexPutAccumulateBackward0": OpEntry(
-            "reduction",
-            masked_put_accumulate_rule,
-            needs_values=True,
-            replay=_masked_put_replay,
-            unrecorded=has_unrecorded_input,
-        ),
-    }
-)
+TABLE = {
+    "ScatterAddBackward0": OpEntry(
+        "reduction",
+        scatter_add_rule,
+        needs_values=True,
+        replay=_scatter_add_replay,
+        unrecorded=self_unrecorded,
+    ),
+    "ScatterBackward0": OpEntry(
+        "routing", scatter_rule, replay=_scatter_replay, unrecorded=self_unrecorded
+    ),
+    "ScatterBackward1": OpEntry(
+        "routing", scatter_rule, replay=_scatter_replay, unrecorded=self_unrecorded
+    ),
+    "ScatterReduceBackward0": OpEntry(
+        "reduction",
+        scatter_reduce_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_src"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (_scatter_reduce_forward(c.fn)(c.inputs[0], c.inputs[1]),),
+    ),
+    "IndexPutBackward0": OpEntry(
+        "reduction",
+        index_put_rule,
+        needs_values=True,
+        replay=_index_put_replay,
+        unrecorded=self_unrecorded,
+    ),
+    "EmbeddingBagBackward0": OpEntry(
+        "reduction",
+        embedding_bag_rule,
+        saved_inputs={0: "_saved_weight"},
+        replay=_bag_replay,
+        source=True,
+    ),
+    "Col2ImBackward0": OpEntry(
+        "reduction",
+        linear_reduction(_fold_forward),
+        needs_values=True,
+        replay=lambda c: (_fold_forward(c.fn, c.inputs[0]),),
+    ),
+    "Im2ColBackward0": OpEntry("routing", route_like_gradient, replay=_unfold_replay),
+    # --- issue 14, docs/rules.md 2.20
+    # index_reduce: the scatter_reduce it equals (index broadcast along dim)
+    "IndexReduceBackward0": OpEntry(
+        "reduction",
+        index_reduce_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_source"},
+        saved_outputs={0: "_saved_result"},
+        replay=_index_reduce_replay,
+    ),
+    # per-segment sum / mean / max / min / prod
+    "SegmentReduceBackward0": OpEntry(
+        "reduction",
+        segment_reduce_rule,
+        saved_inputs={0: "_saved_data"},
+        saved_outputs={0: "_saved_result"},
+        replay=_segment_replay,
+    ),
+    # index_put(accumulate=True) of the values where mask holds
+    "UnsafeMaskedIndexPutAccumulateBackward0": OpEntry(
+        "reduction",
+        masked_put_accumulate_rule,
+        needs_values=True,
+        replay=_masked_put_replay,
+        unrecorded=has_unrecorded_input,
+    ),
+}
