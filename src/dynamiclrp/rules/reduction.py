@@ -12,6 +12,10 @@ non-negative weight per element (``R_x = R * w / sum_G w``, 0 where ``sum_G w = 
 ``w = |x|^p`` for a p-norm, ``w = (x - mean_G x)^2`` for variance and standard deviation, and
 ``w = 1`` for a product (the uniform rule).
 (Max-type reductions route to the winner: see :mod:`.routing`.)
+
+``logsumexp`` / ``logcumsumexp`` take the map of ``log(sum(exp x))`` written out (``R`` split by
+the softmax of each group or prefix); ``renorm`` gives ``x`` all (it scales ``x`` by a statistic of
+``x``); ``grid_sample`` is a linear map of its input for a fixed grid (``docs/rules.md`` 2.20).
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ node's own backward applied to a vector.  A *term* is one operand element as it 
   equal to the output, ties split evenly.
 - Product (``scatter_reduce`` prod): the uniform rule of a product, ``R / n`` to each of the ``n``
   factors of an output element.
+- ``index_reduce`` is the ``scatter_reduce`` it equals; ``_segment_reduce`` takes per segment the
+  rule of the matching reduction; ``_unsafe_masked_index_put_accumulate`` is ``index_put``
+  accumulating the masked values; ``embedding_bag`` with data ``per_sample_weights`` takes the map
+  of its written-out spelling (``docs/rules.md`` 2.20).
 """
 
 from __future__ import annotations
