@@ -767,3 +767,18 @@ def test_grid_sample_with_a_data_grid_is_refused() -> None:
     # the grid held constant: explained
     rx = dynamiclrp.explain(F.grid_sample(x, grid.detach(), align_corners=False), x)
     assert torch.isfinite(rx).all()
+
+
+def test_renorm_same_map_as_written_out_statistic() -> None:
+    """``x * where(n > maxnorm, maxnorm / (n + 1e-7), 1)`` with ``n`` the norm of each row: the
+    plan finds the scale a statistic of ``x``, as renorm's rule says."""
+    g = gen(68)
+    x = randn(g, 3, 4, grad=True)
+    R = randn(g, 3, 4)
+
+    def spelled(t):
+        n = torch.linalg.vector_norm(t, 2, dim=1, keepdim=True)
+        return t * torch.where(n > 0.7, 0.7 / (n + 1e-7), torch.ones_like(n))
+
+    torch.testing.assert_close(torch.renorm(x, 2.0, 0, 0.7), spelled(x))
+    _same_map_every_preset(lambda t: torch.renorm(t, 2.0, 0, 0.7), spelled, x, R)
