@@ -637,3 +637,26 @@ def test_bilinear_lrp0_is_gradient_x_input_in_one_operand(which: int) -> None:
     rx = dynamiclrp.explain(out, x, relevance=out.detach(), rules=LRP0)
     (gr,) = torch.autograd.grad(out.sum(), x)
     close(rx, gr * x.detach(), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("x2_data", [True, False])
+def test_bilinear_requested_weight_same_as_written_out_einsum(x2_data: bool) -> None:
+    """A requested weight ``W`` gets the dense rule read from its side, as in the einsum spelling
+    (no bias: with one data operand the spelling fuses a bias into its last contraction)."""
+    from dynamiclrp.presets import PRESETS
+
+    g = gen(83)
+    x1, x2 = randn(g, 3, 4, grad=True), randn(g, 3, 5, grad=x2_data)
+    w = torch.nn.Parameter(randn(g, 2, 4, 5))
+    R = randn(g, 3, 2)
+    ins = [x1, x2, w] if x2_data else [x1, w]
+    for name in PRESETS:
+        ra = dynamiclrp.explain(F.bilinear(x1, x2, w), ins, relevance=R, rules=name)
+        rb = dynamiclrp.explain(
+            torch.einsum("bi,oij,bj->bo", x1, w, x2), ins, relevance=R, rules=name
+        )
+        assert float(ra[-1].abs().sum()) > 0
+        for p, q in zip(ra, rb, strict=True):
+            torch.testing.assert_close(
+                p, q, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}"
+            )

@@ -406,10 +406,12 @@ def _bilinear_second_map() -> LinearMap:
     )
 
 
-def _pair_rule(ctx: RuleContext, m: LinearMap, a, b, da: bool, db: bool, r):
+def _pair_rule(ctx: RuleContext, m: LinearMap, a, b, da: bool, db: bool, r, weight_slot=None):
     """Relevance of ``z = m(a, b)`` (no bias) to ``a`` and ``b`` by the contraction rules: the
     uniform rule between two data operands, else the layer rule (``Rules.dense``) of the data
-    operand with the other as its weight; ``None`` for a constant operand."""
+    operand with the other as its weight; ``None`` for a constant operand.  ``weight_slot``: the
+    node's slot of ``b`` when it is a weight that was requested (``ctx.parameter``, the rule read
+    from the weight's side, as :func:`contract` gives it)."""
     if da and db:
         return bilinear_uniform(m, a, b, r, ctx.eps)
     if not (da or db):
@@ -417,7 +419,10 @@ def _pair_rule(ctx: RuleContext, m: LinearMap, a, b, da: bool, db: bool, r):
     if db:
         ra, rb = _pair_rule(ctx, _swap(m), b, a, True, False, r)
         return rb, ra
-    return ctx.layer_rule("dense", b)(m, a, b, None, r, ctx.eps).x, None
+    rule = ctx.layer_rule("dense", b)
+    if weight_slot is not None:
+        ctx.parameter[weight_slot] = parameter_relevance(rule, m, a, b, None, r, ctx.eps)
+    return rule(m, a, b, None, r, ctx.eps).x, None
 
 
 _BILINEAR = ((1, 3), (0,), (1, 2), (2, 3))
@@ -449,9 +454,12 @@ def bilinear_form_rule(ctx: RuleContext):
     rt, r2 = _pair_rule(ctx, _bilinear_second_map(), t, x2, d1 or dw, d2, ctx.r)
     r1 = rw = None
     if rt is not None:
-        r1, rwm = _pair_rule(ctx, matmul_map(), x1, wm, d1, dw, rt.reshape(-1, o * j))
+        asked = 1 if d1 and not dw and ctx.wanted[1] else None  # a requested weight W
+        r1, rwm = _pair_rule(ctx, matmul_map(), x1, wm, d1, dw, rt.reshape(-1, o * j), asked)
         if rwm is not None:
             rw = rwm.reshape(i, o, j).permute(1, 0, 2)
+        if asked is not None:
+            ctx.parameter[1] = ctx.parameter[1].reshape(i, o, j).permute(1, 0, 2)
     return [r1, rw, r2]
 
 
