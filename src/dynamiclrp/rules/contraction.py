@@ -406,20 +406,26 @@ def _bilinear_second_map() -> LinearMap:
     )
 
 
-def _pair_rule(ctx: RuleContext, m: LinearMap, a, b, da: bool, db: bool, r, weight_slot=None):
+def _pair_rule(
+    ctx: RuleContext, m: LinearMap, a, b, da: bool, db: bool, r, weight_slot=None, first=None
+):
     """Relevance of ``z = m(a, b)`` (no bias) to ``a`` and ``b`` by the contraction rules: the
     uniform rule between two data operands, else the layer rule (``Rules.dense``) of the data
     operand with the other as its weight; ``None`` for a constant operand.  ``weight_slot``: the
     node's slot of ``b`` when it is a weight that was requested (``ctx.parameter``, the rule read
-    from the weight's side, as :func:`contract` gives it)."""
+    from the weight's side, as :func:`contract` gives it).  ``first=False``: not a first layer
+    (``Rules.first`` does not apply), else the node's own standing (:meth:`RuleContext.layer_rule`)."""
     if da and db:
         return bilinear_uniform(m, a, b, r, ctx.eps)
     if not (da or db):
         return None, None
     if db:
-        ra, rb = _pair_rule(ctx, _swap(m), b, a, True, False, r)
+        ra, rb = _pair_rule(ctx, _swap(m), b, a, True, False, r, first=first)
         return rb, ra
-    rule = ctx.layer_rule("dense", b)
+    if first is False:
+        rule = ctx.rules.rule_for("dense", (b,), first=False)
+    else:
+        rule = ctx.layer_rule("dense", b)
     if weight_slot is not None:
         ctx.parameter[weight_slot] = parameter_relevance(rule, m, a, b, None, r, ctx.eps)
     return rule(m, a, b, None, r, ctx.eps).x, None
@@ -451,7 +457,9 @@ def bilinear_form_rule(ctx: RuleContext):
     o, i, j = w.shape
     wm = w.permute(1, 0, 2).reshape(i, o * j)  # t = x1 @ wm, (B, o * j)
     t = (x1 @ wm).reshape(-1, o, j)
-    rt, r2 = _pair_rule(ctx, _bilinear_second_map(), t, x2, d1 or dw, d2, ctx.r)
+    # the second contraction is a first layer only where t is a constant (x2 its data operand)
+    second_first = None if not (d1 or dw) else False
+    rt, r2 = _pair_rule(ctx, _bilinear_second_map(), t, x2, d1 or dw, d2, ctx.r, first=second_first)
     r1 = rw = None
     if rt is not None:
         asked = 1 if d1 and not dw and ctx.wanted[1] else None  # a requested weight W
