@@ -87,6 +87,15 @@ EXPECTED_EXPLAINED = {
         "nn.functional.multilabel_margin_loss",
     ],
 }  # fmt: skip
+# issue 14: more reductions, scatters, contractions
+EXPECTED_EXPLAINED["reduction"] += ["logsumexp", "masked.logsumexp", "logcumsumexp", "renorm"]
+EXPECTED_EXPLAINED["summing"] = [
+    "index_reduce.mean", "index_reduce.prod", "index_reduce.amin", "index_reduce.amax",
+    "_segment_reduce.lengths", "_segment_reduce.offsets", "_unsafe_masked_index_put_accumulate",
+    "nn.functional.embedding_bag",
+]  # fmt: skip
+EXPECTED_EXPLAINED["indexing"] += ["put"]
+EXPECTED_EXPLAINED["contraction"] += ["nn.functional.bilinear"]
 # run too, not expected to be explained: a composite the recording cannot see (a specific
 # refusal, not a crash), and ops whose nodes have no rule
 ALSO_RUN = ["nn.functional.margin_ranking_loss", "linalg.det"]

@@ -570,3 +570,93 @@ def test_census_frozen_bias_of_added_product_is_recorded(op: str) -> None:
     rx = dynamiclrp.explain(out, x, recording=rec)
     b_param = torch.nn.Parameter(bias.clone())
     close(rx, dynamiclrp.explain((f(b_param) * 2.0).sum(), x))
+
+
+# --- issue 14: F.bilinear (TrilinearBackward0) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bilinear_same_map_as_written_out_einsum_under_every_preset(bias: bool) -> None:
+    """Two data operands and a weight: ``F.bilinear(x1, x2, W, b)`` explained as
+    ``einsum("bi,oij,bj->bo", x1, W, x2) + b`` (x1 with W by the dense rule, then the uniform
+    rule with x2), under every preset."""
+    from dynamiclrp.presets import PRESETS
+
+    g = gen(80)
+    x1, x2 = randn(g, 3, 4, grad=True), randn(g, 3, 5, grad=True)
+    w = torch.nn.Parameter(randn(g, 2, 4, 5))
+    b = torch.nn.Parameter(randn(g, 2)) if bias else None
+    R = randn(g, 3, 2)
+    out = F.bilinear(x1, x2, w, b)
+    node = out.grad_fn
+    while type(node).__name__ != "TrilinearBackward0":
+        node = node.next_functions[0][0]
+    for name in PRESETS:
+        ra, rep = dynamiclrp.explain(
+            F.bilinear(x1, x2, w, b), [x1, x2], relevance=R, rules=name, return_report=True
+        )
+        spelled = torch.einsum("bi,oij,bj->bo", x1, w, x2)
+        rb = dynamiclrp.explain(spelled + b if bias else spelled, [x1, x2], relevance=R, rules=name)
+        for p, q in zip(ra, rb, strict=True):
+            torch.testing.assert_close(
+                p, q, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}"
+            )
+        assert abs(rep.residual) < 1e-9
+
+
+def test_bilinear_uniform_split_by_hand() -> None:
+    """Epsilon with a tiny eps, no bias: each term ``x1_i W_oij x2_j`` of ``y_o`` gives
+    ``R_o * term / y_o`` half to ``x2_j`` and half to ``t_oj`` (then to ``x1_i`` by the
+    epsilon rule of ``t = x1 W``), from explicit loops."""
+    g = gen(81)
+    x1, x2, w = randn(g, 1, 2, grad=True), randn(g, 1, 3, grad=True), randn(g, 2, 2, 3)
+    R = randn(g, 1, 2)
+    rules = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
+    r1, r2 = dynamiclrp.explain(F.bilinear(x1, x2, w), [x1, x2], relevance=R, rules=rules)
+    a, c = x1.detach()[0], x2.detach()[0]
+    want1, want2 = torch.zeros(2, dtype=DT), torch.zeros(3, dtype=DT)
+    for o in range(2):
+        y = sum(float(a[i] * w[o, i, j] * c[j]) for i in range(2) for j in range(3))
+        for j in range(3):
+            t = sum(float(a[i] * w[o, i, j]) for i in range(2))
+            rt = 0.5 * float(R[0, o]) * t * float(c[j]) / y
+            want2[j] += rt
+            for i in range(2):
+                want1[i] += float(a[i] * w[o, i, j]) / t * rt
+    close(r1[0], want1, rtol=1e-7)
+    close(r2[0], want2, rtol=1e-7)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_bilinear_lrp0_is_gradient_x_input_in_one_operand(which: int) -> None:
+    g = gen(82)
+    x1, x2 = randn(g, 3, 4, grad=which == 0), randn(g, 3, 5, grad=which == 1)
+    w = randn(g, 2, 4, 5)
+    out = F.bilinear(x1, x2, w)
+    x = (x1, x2)[which]
+    rx = dynamiclrp.explain(out, x, relevance=out.detach(), rules=LRP0)
+    (gr,) = torch.autograd.grad(out.sum(), x)
+    close(rx, gr * x.detach(), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("x2_data", [True, False])
+def test_bilinear_requested_weight_same_as_written_out_einsum(x2_data: bool) -> None:
+    """A requested weight ``W`` gets the dense rule read from its side, as in the einsum spelling
+    (no bias: with one data operand the spelling fuses a bias into its last contraction)."""
+    from dynamiclrp.presets import PRESETS
+
+    g = gen(83)
+    x1, x2 = randn(g, 3, 4, grad=True), randn(g, 3, 5, grad=x2_data)
+    w = torch.nn.Parameter(randn(g, 2, 4, 5))
+    R = randn(g, 3, 2)
+    ins = [x1, x2, w] if x2_data else [x1, w]
+    for name in PRESETS:
+        ra = dynamiclrp.explain(F.bilinear(x1, x2, w), ins, relevance=R, rules=name)
+        rb = dynamiclrp.explain(
+            torch.einsum("bi,oij,bj->bo", x1, w, x2), ins, relevance=R, rules=name
+        )
+        assert float(ra[-1].abs().sum()) > 0
+        for p, q in zip(ra, rb, strict=True):
+            torch.testing.assert_close(
+                p, q, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}"
+            )

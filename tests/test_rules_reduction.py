@@ -613,3 +613,172 @@ def test_census_pdist_same_map_as_norm_of_pair_differences(p: float, preset: str
     ref = torch.linalg.vector_norm(x[i] - x[j], p, dim=-1)
     close(rx, dynamiclrp.explain(ref, x, relevance=R, rules=preset))
     assert abs(rep.residual) < 1e-10
+
+
+# --- issue 14: logsumexp, logcumsumexp, renorm, grid_sample ---------------------------------------
+
+from dynamiclrp.errors import UncoveredOpError  # noqa: E402
+from dynamiclrp.presets import PRESETS  # noqa: E402
+
+LRP0 = dataclasses.replace(dynamiclrp.preset("epsilon"), eps=1e-12)
+
+
+def _same_map_every_preset(make_a, make_b, x, R, rtol=1e-9) -> None:
+    """``make_a(x)`` and ``make_b(x)`` give the same map under every preset, books closing."""
+    for name in PRESETS:
+        ra, rep = dynamiclrp.explain(make_a(x), x, relevance=R, rules=name, return_report=True)
+        rb = dynamiclrp.explain(make_b(x), x, relevance=R, rules=name)
+        torch.testing.assert_close(ra, rb, rtol=rtol, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        assert abs(rep.residual) < 1e-9, (name, rep.residual)
+
+
+@pytest.mark.parametrize("dim,keepdim", [(1, False), ((0, 2), True), (-1, True)])
+def test_logsumexp_same_map_as_log_sum_exp_written_out(dim, keepdim) -> None:
+    g = gen(61)
+    x = randn(g, 3, 4, 5, grad=True)
+    out = torch.logsumexp(x, dim, keepdim=keepdim)
+    assert type(out.grad_fn).__name__ == "LogsumexpBackward0"
+    R = randn(g, *out.shape)
+    _same_map_every_preset(
+        lambda t: torch.logsumexp(t, dim, keepdim=keepdim),
+        lambda t: torch.log(torch.exp(t).sum(dim, keepdim=keepdim)),
+        x,
+        R,
+    )
+
+
+def test_logsumexp_splits_by_softmax_proportional() -> None:
+    """``R_x = R * softmax(x)`` (the proportional split of the sum of exponentials), from an
+    explicit loop over the groups."""
+    g = gen(62)
+    x = randn(g, 3, 4, grad=True)
+    R = randn(g, 3)
+    rx = dynamiclrp.explain(torch.logsumexp(x, 1), x, relevance=R, rules=PROP)
+    xs = x.detach()
+    want = torch.empty_like(xs)
+    for i in range(3):
+        e = [math.exp(float(v)) for v in xs[i]]
+        for j in range(4):
+            want[i, j] = float(R[i]) * e[j] / sum(e)
+    close(rx, want)
+
+
+def test_logsumexp_large_values_stay_finite() -> None:
+    """exp(1000) overflows the written-out spelling, not the rule (softmax of the group)."""
+    x = torch.tensor([[1000.0, 1000.0, 990.0]], dtype=DT, requires_grad=True)
+    rx = dynamiclrp.explain(torch.logsumexp(x, 1), x, rules="epsilon")
+    assert torch.isfinite(rx).all()
+    close(rx.sum(), torch.logsumexp(x.detach(), 1).sum())
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_logcumsumexp_same_map_as_log_cumsum_exp_written_out(dim) -> None:
+    g = gen(63)
+    x = randn(g, 4, 5, grad=True)
+    out = torch.logcumsumexp(x, dim)
+    assert type(out.grad_fn).__name__ == "LogcumsumexpBackward0"
+    R = randn(g, *out.shape)
+    _same_map_every_preset(
+        lambda t: torch.logcumsumexp(t, dim),
+        lambda t: torch.log(torch.cumsum(torch.exp(t), dim)),
+        x,
+        R,
+    )
+
+
+def test_logcumsumexp_prefix_split_by_hand() -> None:
+    """``R_x[j] = sum_{k >= j} R_k exp(x_j) / sum_{i <= k} exp(x_i)`` (proportional)."""
+    x = torch.tensor([0.3, -1.2, 2.0, 0.1], dtype=DT, requires_grad=True)
+    R = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DT)
+    rx = dynamiclrp.explain(torch.logcumsumexp(x, 0), x, relevance=R, rules=PROP)
+    e = [math.exp(float(v)) for v in x.detach()]
+    want = [sum(float(R[k]) * e[j] / sum(e[: k + 1]) for k in range(j, 4)) for j in range(4)]
+    close(rx, torch.tensor(want, dtype=DT))
+
+
+@pytest.mark.parametrize("p,dim", [(2.0, 0), (1.0, 1), (3.0, -1)])
+def test_renorm_gives_x_all_of_r(p, dim) -> None:
+    """``x`` times a statistic of ``x``: each element keeps its output's relevance."""
+    g = gen(64)
+    x = randn(g, 3, 4, grad=True)
+    out = torch.renorm(x, p, dim, 0.7)
+    assert type(out.grad_fn).__name__ == "RenormBackward0"
+    R = randn(g, 3, 4)
+    for name in PRESETS:
+        rx, rep = dynamiclrp.explain(out, x, relevance=R, rules=name, return_report=True)
+        close(rx, R)
+        assert abs(rep.residual) < 1e-12
+
+
+def _grid(g, *shape):
+    return torch.rand(*shape, generator=g, dtype=DT) * 2.4 - 1.2  # some points outside
+
+
+def _jacobian_matrix(f, x):
+    """``M`` of the linear map ``f`` (one row per output element), column by column."""
+    cols = []
+    for k in range(x.numel()):
+        e = torch.zeros(x.numel(), dtype=DT)
+        e[k] = 1
+        cols.append(f(e.view_as(x)).reshape(-1))
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("rules", [PROP, SIGNED], ids=["proportional", "signed"])
+def test_grid_sample_is_the_linear_rule_of_its_matrix(mode, padding, rules) -> None:
+    g = gen(65)
+    x = randn(g, 1, 2, 4, 5, grad=True)
+    grid = _grid(g, 1, 3, 3, 2)
+
+    def f(t):
+        return F.grid_sample(t, grid, mode, padding, align_corners=False)
+
+    out = f(x)
+    assert type(out.grad_fn).__name__ == "GridSampler2DBackward0"
+    R = randn(g, *out.shape)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, rules=rules, return_report=True)
+    M = _jacobian_matrix(f, x.detach())
+    if mode == "bicubic":  # coefficients of either sign: always the signed form
+        rules = dataclasses.replace(rules, reduction="signed")
+    close(rx, expected(M, x, R, rules))
+    assert abs(rep.residual) < 1e-9
+
+
+def test_grid_sample_3d_lrp0_is_gradient_x_input() -> None:
+    g = gen(66)
+    x = randn(g, 1, 2, 3, 4, 3, grad=True)
+    grid = _grid(g, 1, 2, 2, 3, 3)
+    out = F.grid_sample(x, grid, "bilinear", "zeros", align_corners=True)
+    assert type(out.grad_fn).__name__ == "GridSampler3DBackward0"
+    rx = dynamiclrp.explain(out, x, relevance=out.detach(), rules=LRP0)
+    (gr,) = torch.autograd.grad(out.sum(), x)
+    close(rx, gr * x.detach(), rtol=1e-8, atol=1e-10)
+
+
+def test_grid_sample_with_a_data_grid_is_refused() -> None:
+    g = gen(67)
+    x = randn(g, 1, 1, 4, 4, grad=True)
+    grid = _grid(g, 1, 2, 2, 2).requires_grad_()
+    out = F.grid_sample(x, grid, align_corners=False)
+    with pytest.raises(UncoveredOpError, match="grid that depends on a requested input"):
+        dynamiclrp.explain(out, [x, grid])
+    # the grid held constant: explained
+    rx = dynamiclrp.explain(F.grid_sample(x, grid.detach(), align_corners=False), x)
+    assert torch.isfinite(rx).all()
+
+
+def test_renorm_same_map_as_written_out_statistic() -> None:
+    """``x * where(n > maxnorm, maxnorm / (n + 1e-7), 1)`` with ``n`` the norm of each row: the
+    plan finds the scale a statistic of ``x``, as renorm's rule says."""
+    g = gen(68)
+    x = randn(g, 3, 4, grad=True)
+    R = randn(g, 3, 4)
+
+    def spelled(t):
+        n = torch.linalg.vector_norm(t, 2, dim=1, keepdim=True)
+        return t * torch.where(n > 0.7, 0.7 / (n + 1e-7), torch.ones_like(n))
+
+    torch.testing.assert_close(torch.renorm(x, 2.0, 0, 0.7), spelled(x))
+    _same_map_every_preset(lambda t: torch.renorm(t, 2.0, 0, 0.7), spelled, x, R)

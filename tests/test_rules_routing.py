@@ -476,28 +476,13 @@ def test_rearranging_ops_keep_the_books_and_name_the_first_bad_op(name: str) -> 
         dynamiclrp.explain(z, x32, relevance=torch.full_like(z, 1e37))
 
 
-@pytest.mark.parametrize(
-    "f",
-    [
-        lambda x: F.max_unpool1d(x.unsqueeze(0), torch.zeros(1, 3, 4, dtype=torch.long), 2),
-        lambda x: x.index_copy(1, torch.tensor([1, 1]), x[:, 2:]),
-        lambda x: x.put(torch.tensor([4, 4]), x[0, :2]),
-        lambda x: x.put(torch.tensor([-1, 11]), x[0, :2]),
-        lambda x: x.put(torch.tensor([4, 5]), x[0, :2], accumulate=True),
-    ],
-    ids=[
-        "unpool_duplicates",
-        "index_copy_duplicates",
-        "put_duplicates",
-        "put_negative_duplicates",
-        "put_accumulate",
-    ],
-)
-def test_census_writes_that_meet_are_refused(f) -> None:
-    """Duplicate indices: the gradient reaches every writer though only the last write is kept,
-    so routing like it would duplicate relevance; accumulating is a sum.  Both refused."""
+def test_census_writes_that_meet_are_refused() -> None:
+    """index_copy with duplicate indices: the gradient reaches every writer though only the last
+    write is kept, so routing like it would duplicate relevance: refused (put and max_unpool
+    read the winner from the values instead, issue 14 below)."""
     x = randn(gen(60), 3, 4, grad=True)
-    with pytest.raises(dynamiclrp.UncoveredOpError, match="duplicate indices|accumulates"):
+    f = lambda x: x.index_copy(1, torch.tensor([1, 1]), x[:, 2:])  # noqa: E731
+    with pytest.raises(dynamiclrp.UncoveredOpError, match="duplicate indices"):
         dynamiclrp.explain(f(x), x)
 
 
@@ -536,3 +521,111 @@ def test_census_constant_written_into_data_needs_and_takes_record(f) -> None:
         out = (f(x, c) * 2.0).sum()
     rx = dynamiclrp.explain(out, x, recording=rec)
     close(rx, explained(torch.nn.Parameter(c.clone())))
+
+
+# --- issue 14: writes that meet, routed by value; as_strided_scatter; put accumulate -------------
+
+LRP0_ROUTING = dynamiclrp.Rules(name="lrp0", add="signed", reduction="signed", eps=1e-12)
+
+
+def _true_jacobian_times_input(f, x):
+    """``x * (d sum f / d x)`` by finite differences of the forward itself (exact here: ``f`` is
+    piecewise constant in which write wins, linear in the values), not autograd's gradient,
+    which reaches every writer of a position though only one write is kept."""
+    x0 = x.detach()
+    base = f(x0).sum()
+    grad = torch.zeros_like(x0).reshape(-1)
+    h = 1e-6
+    for k in range(x0.numel()):
+        e = torch.zeros_like(x0).reshape(-1)
+        e[k] = h
+        grad[k] = (f(x0 + e.view_as(x0)).sum() - base) / h
+    return grad.view_as(x0) * x0
+
+
+def test_put_with_duplicates_routes_to_the_winning_value() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64, requires_grad=True)
+    src = torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([1, 1, 4, -5])  # position 1 written three times
+    out = x.put(idx, src)
+    R = torch.arange(1.0, 7.0, dtype=torch.float64)
+    rx, rs = dynamiclrp.explain(out, [x, src], relevance=R)
+    winner = int((src.detach() == out.detach()[1]).nonzero())
+    want_s = torch.zeros(4, dtype=torch.float64)
+    want_s[winner] = 2.0
+    want_s[2] = 5.0
+    torch.testing.assert_close(rs, want_s)
+    torch.testing.assert_close(rx, torch.tensor([1.0, 0, 3, 4, 0, 6], dtype=torch.float64))
+
+
+def test_put_with_duplicates_splits_equal_values_and_lrp0_is_true_gradient_x_input() -> None:
+    src = torch.tensor([7.0, 7.0, -2.0], dtype=torch.float64, requires_grad=True)
+    x = torch.zeros(4, dtype=torch.float64)
+    idx = torch.tensor([2, 2, 0])
+    out = x.put(idx, src)
+    rs = dynamiclrp.explain(out, src, relevance=torch.tensor([1.0, 0, 4.0, 0], dtype=torch.float64))
+    torch.testing.assert_close(rs, torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(5)
+    s2 = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    idx2 = torch.tensor([3, 1, 3, 0, 1])
+    f = lambda s: torch.zeros(4, dtype=torch.float64).put(idx2, s)  # noqa: E731
+    out2 = f(s2)
+    lrp0 = dynamiclrp.explain(out2, s2, relevance=out2.detach(), rules=LRP0_ROUTING)
+    torch.testing.assert_close(lrp0, _true_jacobian_times_input(f, s2), rtol=1e-6, atol=1e-6)
+
+
+def test_max_unpool_with_duplicates_routes_to_the_winning_value() -> None:
+    x = torch.tensor([[[1.0, 5.0, 2.0, 5.0]]], dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[[0, 0, 3, 0]]])
+    out = F.max_unpool1d(x, idx, 1, output_size=[4])
+    R = torch.tensor([[[6.0, 1.0, 1.0, 3.0]]], dtype=torch.float64)
+    rx, rep = dynamiclrp.explain(out, x, relevance=R, return_report=True)
+    # position 0 holds 5.0, written by elements 1 and 3: split evenly; element 0 lost
+    torch.testing.assert_close(rx, torch.tensor([[[0.0, 3.0, 3.0, 3.0]]], dtype=torch.float64))
+    assert abs(rep.residual) < 1e-12
+
+
+def test_max_unpool2d_duplicates_lrp0_is_true_gradient_x_input() -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[[[0, 5], [5, 9]], [[1, 1], [1, 15]]]])
+    f = lambda t: F.max_unpool2d(t, idx, 2, output_size=[4, 4])  # noqa: E731
+    out = f(x)
+    lrp0 = dynamiclrp.explain(out, x, relevance=out.detach(), rules=LRP0_ROUTING)
+    torch.testing.assert_close(lrp0, _true_jacobian_times_input(f, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["both", "base", "src"])
+def test_as_strided_scatter_is_routing_not_its_gradient(which) -> None:
+    """PyTorch's gradient for ``self`` is the mask of the written positions (gradcheck fails);
+    the rule routes ``R`` of the unwritten positions to ``self`` all the same."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    base = base.t().contiguous().requires_grad_(which != "src")
+    src = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=which != "base")
+    out = torch.as_strided_scatter(base, src, (3,), (2,), 7)
+    assert type(out.grad_fn).__name__ == "AsStridedScatterBackward0"
+    written = out.detach() == src.detach()[:, None, None]  # (3, 4, 6), one position each
+    assert (written.sum((1, 2)) == 1).all()
+    R = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    ins = [t for t in (base, src) if t.requires_grad]
+    rel = dynamiclrp.explain(out, ins, relevance=R)
+    rel = rel if isinstance(rel, tuple) else (rel,)
+    if which != "src":
+        torch.testing.assert_close(rel[0], R.masked_fill(written.any(0), 0))
+    if which != "base":
+        torch.testing.assert_close(rel[-1], torch.stack([R[w].sum() for w in written]))
+
+
+@pytest.mark.parametrize("name", ["dynamiclrp", "epsilon"])
+def test_put_accumulate_equals_index_put_accumulate(name) -> None:
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    src = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([4, 5, 4, -1, 0])
+    R = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    a = dynamiclrp.explain(x.put(idx, src, accumulate=True), [x, src], relevance=R, rules=name)
+    spelled = x.reshape(-1).index_put([idx % 12], src, accumulate=True).reshape(3, 4)
+    b = dynamiclrp.explain(spelled, [x, src], relevance=R, rules=name)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -480,12 +480,30 @@ def test_embedding_bag_with_constant_per_sample_weights(mode):
     )
 
 
-def test_embedding_bag_with_data_per_sample_weights_is_refused():
-    w = torch.randn(10, 3, dtype=DT).requires_grad_()
-    psw = torch.rand(8, dtype=DT).requires_grad_()
-    out = F.embedding_bag(BAG_INPUT, w, torch.tensor([0, 4]), mode="sum", per_sample_weights=psw)
-    with pytest.raises(UncoveredOpError, match=r"EmbeddingBagBackward0.*per_sample_weights"):
-        dynamiclrp.explain(out, [w, psw], relevance=torch.ones(2, 3, dtype=DT))
+@pytest.mark.parametrize("which", ["both", "w", "psw"])
+def test_embedding_bag_with_data_per_sample_weights_is_its_written_out_spelling(which):
+    """Data per-sample weights: the map of ``index_add`` of ``W[indices] * psw[:, None]`` per bag
+    (terms split like add, each product uniformly), under every preset."""
+    g = gen(17)
+    w = torch.randn(10, 3, generator=g, dtype=DT).requires_grad_()
+    # positive: a constant negative weight takes the signed form (test above), not the spelling's
+    psw = (torch.rand(8, generator=g, dtype=DT) + 0.1).requires_grad_()
+    r = torch.randn(2, 3, generator=g, dtype=DT)
+    offsets = torch.tensor([0, 4])
+    bag = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    ws = w if which != "psw" else w.detach()
+    ps = psw if which != "w" else psw.detach()
+    ins = [t for t in (ws, ps) if t.requires_grad]
+    same_under_every_preset(
+        lambda: F.embedding_bag(BAG_INPUT, ws, offsets, mode="sum", per_sample_weights=ps),
+        lambda: torch.zeros(2, 3, dtype=DT).index_add(0, bag, ws[BAG_INPUT] * ps[:, None]),
+        ins,
+        ins,
+        r,
+    )
+    if which != "both":  # linear in the one explained operand
+        out = F.embedding_bag(BAG_INPUT, ws, offsets, mode="sum", per_sample_weights=ps)
+        assert_lrp0_is_gradient_x_input(out, ins)
 
 
 def test_embedding_bag_max_splits_ties_between_rows_and_absorbs_empty_bags():
@@ -571,3 +589,163 @@ def test_index_add_of_a_constant_source_equals_adding_it_under_every_preset():
     assert rep.absorbed == pytest.approx(float((r - ex).sum()), rel=1e-9)
     assert abs(rep.residual) < 1e-12
     assert_lrp0_is_gradient_x_input(x.index_add(0, idx, src), [x])
+
+
+# --- issue 14: index_reduce, _segment_reduce, _unsafe_masked_index_put_accumulate ---------------
+
+IR_INDEX = torch.tensor([0, 2, 0, 3, 2])  # row 1 of self gets nothing
+
+
+@pytest.mark.parametrize("reduce", ["mean", "amax", "amin", "prod"])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_index_reduce_equals_scatter_reduce_under_every_preset(reduce, include_self):
+    g = gen(70)
+    x = torch.randn(4, 3, generator=g, dtype=DT)
+    src = torch.randn(5, 3, generator=g, dtype=DT)
+    src[2] = src[0]  # a tie in rows 0 (amax / amin split it)
+    x, src = x.requires_grad_(), src.requires_grad_()
+    r = torch.randn(4, 3, generator=g, dtype=DT)
+    out = x.index_reduce(0, IR_INDEX, src, reduce, include_self=include_self)
+    assert type(out.grad_fn).__name__ == "IndexReduceBackward0"
+    idx = IR_INDEX[:, None].expand(5, 3)
+    same_under_every_preset(
+        lambda: x.index_reduce(0, IR_INDEX, src, reduce, include_self=include_self),
+        lambda: x.scatter_reduce(0, idx, src, reduce, include_self=include_self),
+        [x, src],
+        [x, src],
+        r,
+    )
+
+
+def test_index_reduce_mean_along_dim_1_by_hand():
+    """mean along dim 1: ``R`` of output column ``c`` split over ``self[:, c]`` (included) and the
+    source columns written there in proportion to their magnitudes."""
+    g = gen(71)
+    x = torch.randn(2, 3, generator=g, dtype=DT).requires_grad_()
+    src = torch.randn(2, 2, generator=g, dtype=DT).requires_grad_()
+    index = torch.tensor([2, 2])
+    r = torch.randn(2, 3, generator=g, dtype=DT)
+    rx, rs = dynamiclrp.explain(x.index_reduce(1, index, src, "mean"), [x, src], relevance=r)
+    xd, sd = x.detach(), src.detach()
+    for i in range(2):
+        den = abs(float(xd[i, 2])) + abs(float(sd[i, 0])) + abs(float(sd[i, 1]))
+        close(
+            rs[i],
+            torch.tensor([abs(float(sd[i, k])) / den * float(r[i, 2]) for k in range(2)], dtype=DT),
+        )
+        close(rx[i, 2], torch.tensor(abs(float(xd[i, 2])) / den * float(r[i, 2]), dtype=DT))
+        close(rx[i, :2], r[i, :2])
+
+
+SEG_LENGTHS = torch.tensor([2, 0, 3, 1])
+SEG_BOUNDS = [(0, 2), (2, 2), (2, 5), (5, 6)]
+
+
+def _segments_written_out(x, reduce):
+    """One reduction per non-empty segment along dim 0, stacked (the empty one: left out)."""
+    ops = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax, "min": torch.amin}
+    op = ops.get(reduce, torch.prod)
+    return torch.stack([op(x[a:b], 0) for a, b in SEG_BOUNDS if b > a])
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "prod"])
+@pytest.mark.parametrize("spec", ["lengths", "offsets"])
+def test_segment_reduce_equals_its_reductions_under_every_preset(reduce, spec):
+    g = gen(72)
+    x = torch.randn(6, 3, generator=g, dtype=DT)
+    x[3] = x[2]  # a tie inside segment 2
+    x.requires_grad_()
+    r = torch.randn(3, 3, generator=g, dtype=DT)
+    kw = (
+        {"lengths": SEG_LENGTHS}
+        if spec == "lengths"
+        else {"offsets": torch.cat([torch.zeros(1, dtype=torch.long), SEG_LENGTHS.cumsum(0)])}
+    )
+    keep = torch.tensor([0, 2, 3])  # the non-empty segments
+
+    def spelled():  # (the empty segment, -inf / nan / 0 without initial, takes no R here)
+        return torch._segment_reduce(x, reduce, axis=0, unsafe=False, **kw)[keep]
+
+    assert type(spelled().grad_fn.next_functions[0][0]).__name__ == "SegmentReduceBackward0"
+    same_under_every_preset(spelled, lambda: _segments_written_out(x, reduce), [x], [x], r)
+
+
+def test_segment_reduce_initial_is_a_constant_term_and_absorbs():
+    """sum with ``initial=c``: ``c + sum x`` per segment, ``c``'s share absorbed; the empty
+    segment's output is ``c`` alone, all of its ``R`` absorbed; the books close."""
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.5], [2.0, 2.0]], dtype=DT, requires_grad=True)
+    lengths = torch.tensor([1, 0, 2])
+    r = torch.tensor([[1.0, 2.0], [5.0, 5.0], [-1.0, 3.0]], dtype=DT)
+    out = torch._segment_reduce(x, "sum", lengths=lengths, axis=0, unsafe=False, initial=4.0)
+    rx, rep = dynamiclrp.explain(out, x, relevance=r, rules=PROP, return_report=True)
+    want = torch.tensor(
+        [
+            [1 / 5 * 1.0, 2 / 6 * 2.0],
+            [3 / 9 * -1.0, 0.5 / 6.5 * 3.0],
+            [2 / 9 * -1.0, 2 / 6.5 * 3.0],
+        ],
+        dtype=DT,
+    )
+    close(rx, want)
+    close(torch.tensor(rep.absorbed, dtype=DT), r.sum() - want.sum())
+    assert abs(rep.residual) < 1e-12
+
+
+def test_segment_reduce_max_with_initial_winning_absorbs():
+    x = torch.tensor([[1.0], [7.0], [2.0]], dtype=DT, requires_grad=True)
+    out = torch._segment_reduce(x, "max", lengths=torch.tensor([2, 1]), axis=0, initial=5.0)
+    r = torch.tensor([[3.0], [4.0]], dtype=DT)
+    rx, rep = dynamiclrp.explain(out, x, relevance=r, return_report=True)
+    close(rx, torch.tensor([[0.0], [3.0], [0.0]], dtype=DT))  # 7 wins; 5 beats 2
+    close(torch.tensor(rep.absorbed, dtype=DT), torch.tensor(4.0, dtype=DT))
+
+
+def test_segment_reduce_2d_lengths_along_axis_1():
+    g = gen(73)
+    x = torch.randn(2, 5, generator=g, dtype=DT).requires_grad_()
+    lengths = torch.tensor([[2, 3], [4, 1]])
+    out = torch._segment_reduce(x, "sum", lengths=lengths, axis=1, unsafe=False)
+    r = torch.randn(2, 2, generator=g, dtype=DT)
+    rx = dynamiclrp.explain(out, x, relevance=r, rules="epsilon")
+    xd = x.detach()
+    want = torch.empty_like(xd)
+    for b, ls in enumerate(lengths.tolist()):
+        a = 0
+        for s, n in enumerate(ls):
+            z = float(xd[b, a : a + n].sum())
+            want[b, a : a + n] = (
+                xd[b, a : a + n] * float(r[b, s]) / (z + 1e-6 * math.copysign(1, z))
+            )
+            a += n
+    close(rx, want)
+    assert_lrp0_is_gradient_x_input(out, [x])
+
+
+@pytest.mark.parametrize("which", ["both", "self", "values"])
+def test_masked_index_put_accumulate_equals_index_put_of_masked_values(which):
+    g = gen(74)
+    x = torch.randn(4, 3, generator=g, dtype=DT).requires_grad_(which != "values")
+    v = torch.randn(5, 3, generator=g, dtype=DT).requires_grad_(which != "self")
+    idx = torch.tensor([0, 2, 0, 3, 9])  # 9: clamped to 3 (masked off here)
+    mask = torch.tensor([True, True, False, True, False])[:, None]
+    r = torch.randn(4, 3, generator=g, dtype=DT)
+    ins = [t for t in (x, v) if t.requires_grad]
+    out = torch.ops.aten._unsafe_masked_index_put_accumulate(x, mask, [idx], v)
+    assert type(out.grad_fn).__name__ == "UnsafeMaskedIndexPutAccumulateBackward0"
+    with dynamiclrp.record() as rec_a:
+        a = torch.ops.aten._unsafe_masked_index_put_accumulate(x, mask, [idx], v)
+    with dynamiclrp.record() as rec_b:
+        b = x.index_put([idx.clamp(max=3)], v.masked_fill(~mask, 0), accumulate=True)
+    for name in PRESETS:
+        ra = dynamiclrp.explain(a, ins, relevance=r, rules=name, recording=rec_a)
+        rb = dynamiclrp.explain(b, ins, relevance=r, rules=name, recording=rec_b)
+        for p, q in zip(
+            ra if isinstance(ra, tuple) else (ra,),
+            rb if isinstance(rb, tuple) else (rb,),
+            strict=True,
+        ):
+            torch.testing.assert_close(
+                p, q, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}"
+            )
+    if which != "both":
+        assert_lrp0_is_gradient_x_input(out, ins)

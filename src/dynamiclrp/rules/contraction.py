@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import UncoveredOpError
 from .base import (
     OpEntry,
     RuleContext,
@@ -397,6 +398,96 @@ def _added(m: Callable[[], LinearMap], first: str, second: str) -> OpEntry:
     )
 
 
+# --- issue 14: the bilinear form of F.bilinear (TrilinearBackward0) ------------------------------
+
+
+def _bilinear_second_map() -> LinearMap:
+    """``y_bo = sum_j t_boj x2_bj`` (the second contraction of ``x1^T W x2``)."""
+    return LinearMap(
+        forward=lambda t, x: (t @ x.unsqueeze(-1)).squeeze(-1),
+        vjp_x=lambda g, t, x: g.unsqueeze(-1) * x.unsqueeze(-2),
+        vjp_w=lambda g, t, x: (g.unsqueeze(-1) * t).sum(-2),
+    )
+
+
+def _pair_rule(
+    ctx: RuleContext, m: LinearMap, a, b, da: bool, db: bool, r, weight_slot=None, first=None
+):
+    """Relevance of ``z = m(a, b)`` (no bias) to ``a`` and ``b`` by the contraction rules: the
+    uniform rule between two data operands, else the layer rule (``Rules.dense``) of the data
+    operand with the other as its weight; ``None`` for a constant operand.  ``weight_slot``: the
+    node's slot of ``b`` when it is a weight that was requested (``ctx.parameter``, the rule read
+    from the weight's side, as :func:`contract` gives it).  ``first=False``: not a first layer
+    (``Rules.first`` does not apply), else the node's own standing (:meth:`RuleContext.layer_rule`)."""
+    if da and db:
+        return bilinear_uniform(m, a, b, r, ctx.eps)
+    if not (da or db):
+        return None, None
+    if db:
+        ra, rb = _pair_rule(ctx, _swap(m), b, a, True, False, r, first=first)
+        return rb, ra
+    if first is False:
+        rule = ctx.rules.rule_for("dense", (b,), first=False)
+    else:
+        rule = ctx.layer_rule("dense", b)
+    if weight_slot is not None:
+        ctx.parameter[weight_slot] = parameter_relevance(rule, m, a, b, None, r, ctx.eps)
+    return rule(m, a, b, None, r, ctx.eps).x, None
+
+
+_BILINEAR = ((1, 3), (0,), (1, 2), (2, 3))
+
+
+def bilinear_form_rule(ctx: RuleContext):
+    """``y_bo = sum_ij x1_bi W_oij x2_bj`` (``F.bilinear`` without its bias, which is added by a
+    node of its own): the map of the written-out ``torch.einsum("bi,oij,bj->bo", x1, W, x2)``,
+    which contracts ``x1`` with ``W`` first: ``t_boj = sum_i x1_bi W_oij``, then
+    ``y_bo = sum_j t_boj x2_bj``.  Each contraction takes the contraction rules
+    (:func:`_pair_rule`): between two data operands the uniform rule (half of each product term
+    to each factor, ``R_t = t (g x2) / 2``, ``R_x2 = x2 (t^T g) / 2``, ``g = R / stab(y)``), and
+    the dense rule (``Rules.dense``, epsilon by default) where the other operand is a constant
+    (the weight ``W``): ``R_x1 = x1 * J^T(R_t / stab(t))`` for epsilon.  ``t`` is data where
+    ``x1`` or ``W`` is."""
+    fn = ctx.fn
+    layout = tuple(saved(fn, f"_saved_{k}") for k in ("expand1", "expand2", "expand3", "sumdim"))
+    x1, w, x2 = (ctx.input_value(s) for s in range(3))
+    if layout != _BILINEAR or x1.dim() != 2:
+        raise UncoveredOpError(
+            f"{fn.name()} (node {ctx.idx}): torch._trilinear with expand/sumdim {layout} is not "
+            "the bilinear form of F.bilinear ((1, 3), (0,), (1, 2), (2, 3)) and has no rule; "
+            "write it out with torch.einsum."
+        )
+    d1, dw, d2 = (fn.next_functions[s][0] is not None and ctx.data[s] for s in range(3))
+    o, i, j = w.shape
+    wm = w.permute(1, 0, 2).reshape(i, o * j)  # t = x1 @ wm, (B, o * j)
+    t = (x1 @ wm).reshape(-1, o, j)
+    # the second contraction is a first layer only where t is a constant (x2 its data operand)
+    second_first = None if not (d1 or dw) else False
+    rt, r2 = _pair_rule(ctx, _bilinear_second_map(), t, x2, d1 or dw, d2, ctx.r, first=second_first)
+    r1 = rw = None
+    if rt is not None:
+        asked = 1 if d1 and not dw and ctx.wanted[1] else None  # a requested weight W
+        r1, rwm = _pair_rule(ctx, matmul_map(), x1, wm, d1, dw, rt.reshape(-1, o * j), asked)
+        if rwm is not None:
+            rw = rwm.reshape(i, o, j).permute(1, 0, 2)
+        if asked is not None:
+            ctx.parameter[1] = ctx.parameter[1].reshape(i, o, j).permute(1, 0, 2)
+    return [r1, rw, r2]
+
+
+def _bilinear_replay(c):
+    fn = c.fn
+    return (
+        torch._trilinear(
+            *c.inputs,
+            saved(fn, "_saved_expand1"),
+            saved(fn, "_saved_expand2"),
+            saved(fn, "_saved_expand3"),
+            saved(fn, "_saved_sumdim"),
+        ),
+    )
+
+
 TABLE = {
     "MmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2", "contraction"),
     "BmmBackward0": _product(_mm_rule, "_saved_self", "_saved_mat2"),
@@ -437,6 +528,15 @@ TABLE = {
         _cross_rule,
         saved_inputs={0: "_saved_self", 1: "_saved_other"},
         replay=lambda c: (torch.linalg.cross(c.inputs[0], c.inputs[1], dim=c.saved("_saved_dim")),),
+        kind="dense",
+        operands=(0, 1),
+    ),
+    # --- issue 14, docs/rules.md 2.20
+    "TrilinearBackward0": OpEntry(
+        "contraction",
+        bilinear_form_rule,
+        saved_inputs={0: "_saved_i1", 1: "_saved_i2", 2: "_saved_i3"},
+        replay=_bilinear_replay,
         kind="dense",
         operands=(0, 1),
     ),

@@ -12,6 +12,10 @@ non-negative weight per element (``R_x = R * w / sum_G w``, 0 where ``sum_G w = 
 ``w = |x|^p`` for a p-norm, ``w = (x - mean_G x)^2`` for variance and standard deviation, and
 ``w = 1`` for a product (the uniform rule).
 (Max-type reductions route to the winner: see :mod:`.routing`.)
+
+``logsumexp`` / ``logcumsumexp`` take the map of ``log(sum(exp x))`` written out (``R`` split by
+the softmax of each group or prefix); ``renorm`` gives ``x`` all (it scales ``x`` by a statistic of
+``x``); ``grid_sample`` is a linear map of its input for a fixed grid (``docs/rules.md`` 2.20).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UncoveredOpError
 from .base import OpEntry, RuleContext, ratio, saved, sum_to_shape
 from .elementwise import cancelled
 from .linear import safe_divide
@@ -407,6 +412,109 @@ def _norm_entry() -> OpEntry:
     )
 
 
+# --- issue 14: log-sum-exp, renorm, sampling by a grid ----------------------------------------
+
+
+def _lse_scale(ctx: RuleContext, z: Tensor) -> Tensor:
+    """The factor ``S / stab(S)`` of the written-out ``log(sum(exp x))`` on the sum
+    ``S = exp(z)`` of its exponentials: ``1`` under ``reduction="proportional"``, ``S / (S + eps)``
+    under ``"signed"`` (``S > 0``), written ``sigmoid(z - log eps)`` so that neither ``exp(z)``
+    nor ``exp(-z)`` is formed."""
+    if ctx.rules.reduction == "proportional":
+        return torch.ones_like(z)
+    return torch.sigmoid(z - math.log(ctx.eps))
+
+
+def logsumexp_rule(ctx: RuleContext):
+    """``z = log(sum_G exp x)`` over a group: the map of its written-out spelling (``exp`` and
+    ``log`` pass relevance on, the sum splits it by its terms ``e = exp x``): ``R_x = R * e /
+    sum_G e = R * softmax_G(x)``, times ``S / stab(S)`` (``S = sum_G e``) under
+    ``reduction="signed"``.  ``softmax_G(x) * g`` is the node's own backward of ``g``.
+    ``logcumsumexp`` is the same over every prefix, ``R_x[j] = sum_{k >= j} R_k *
+    exp(x_j - z_k)`` (times the factor of prefix ``k``), again the node's backward."""
+    z = ctx.fn._saved_result
+    return (_transpose(ctx, ctx.r * _lse_scale(ctx, z)),)
+
+
+def _logsumexp_replay(c):
+    dims = c.saved("_saved_dim")
+    return (torch.logsumexp(c.inputs[0], list(dims), keepdim=c.saved("_saved_keepdim")),)
+
+
+def renorm_rule(ctx: RuleContext):
+    """``z = x * s`` per sub-tensor along ``dim``, ``s = maxnorm / ||x_sub||_p`` where the norm
+    exceeds ``maxnorm`` (else ``s = 1``): ``s`` is a statistic of ``x`` (as a norm's
+    ``rsqrt(var)``), so ``x`` takes all, ``R_x = R`` element by element."""
+    return (ctx.r.reshape(ctx.input_shape(0)).clone(),)
+
+
+def _renorm_replay(c):
+    return (
+        torch.renorm(
+            c.inputs[0], c.saved("_saved_p"), c.saved("_saved_dim"), c.saved("_saved_maxnorm")
+        ),
+    )
+
+
+def _grid_forward(op):
+    def forward(fn, x):
+        return op(
+            x,
+            fn._saved_grid,
+            saved(fn, "_saved_interpolation_mode"),
+            saved(fn, "_saved_padding_mode"),
+            saved(fn, "_saved_align_corners"),
+        )
+
+    return forward
+
+
+_BICUBIC = 2
+
+
+def grid_sampler_rule(op):
+    """``z = grid_sample(x, grid)``: for a fixed ``grid`` a linear map of ``x`` (each output
+    element a weighted sum of input elements, the weights set by the grid): the linear-reduction
+    rule through the node's backward, ``Rules.reduction`` for bilinear and nearest (coefficients
+    ``>= 0``), the signed form for bicubic (coefficients of either sign).
+
+    A grid that depends on a requested input is refused: it enters only through the interpolation
+    weights and the positions read, a non-linear function of both operands that no rule of the
+    table splits (neither a product of two data operands nor a selection by value)."""
+    forward = _grid_forward(op)
+    linear = linear_reduction(forward)
+    signed = signed_linear_map(forward)
+
+    def rule(ctx: RuleContext):
+        fn = ctx.fn
+        if fn.next_functions[1][0] is not None and ctx.data[1] and ctx.wanted[1]:
+            raise UncoveredOpError(
+                f"{fn.name()} (node {ctx.idx}): F.grid_sample with a grid that depends on a "
+                "requested input. The output is linear in the sampled input only for a fixed "
+                "grid; the grid enters through the interpolation weights and the positions read, "
+                "and no rule splits relevance between it and the input. Pass grid.detach() to "
+                "explain the sampled input with the grid held constant."
+            )
+        if fn.next_functions[0][0] is None:  # a constant input: its share is absorbed
+            ctx.absorb(ctx.r)
+            return (None, None)
+        mode = saved(fn, "_saved_interpolation_mode")
+        (rx,) = (signed if mode == _BICUBIC else linear)(ctx)
+        return (rx, None)
+
+    return rule
+
+
+def _grid_entry(op) -> OpEntry:
+    forward = _grid_forward(op)
+    return OpEntry(
+        "reduction",
+        grid_sampler_rule(op),
+        saved_inputs={0: "_saved_input", 1: "_saved_grid"},
+        replay=lambda c: (forward(c.fn, c.inputs[0]),),
+    )
+
+
 TABLE = {
     "SumBackward0": _entry(lambda fn, x: x.sum(), saved_self=False),
     "SumBackward1": _entry(_sum_dims, saved_self=False),
@@ -504,4 +612,30 @@ TABLE = {
     "UpsampleBicubic2DAaBackward0": _upsample_entry(
         torch.ops.aten._upsample_bicubic2d_aa.default, _HW, signed=True
     ),
+    # --- issue 14, docs/rules.md 2.20
+    # log(sum(exp x)): R split by softmax over the reduced dims (the written-out map)
+    "LogsumexpBackward0": OpEntry(
+        "reduction",
+        logsumexp_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=_logsumexp_replay,
+    ),
+    "LogcumsumexpBackward0": OpEntry(
+        "reduction",
+        logsumexp_rule,
+        saved_inputs={0: "_saved_self"},
+        saved_outputs={0: "_saved_result"},
+        replay=lambda c: (torch.logcumsumexp(c.inputs[0], c.saved("_saved_dim")),),
+    ),
+    # x times a statistic of x per sub-tensor: x takes all
+    "RenormBackward0": OpEntry(
+        "reduction",
+        renorm_rule,
+        saved_inputs={0: "_saved_self"},
+        replay=_renorm_replay,
+    ),
+    # linear in the input for a fixed grid
+    "GridSampler2DBackward0": _grid_entry(torch.ops.aten.grid_sampler_2d.default),
+    "GridSampler3DBackward0": _grid_entry(torch.ops.aten.grid_sampler_3d.default),
 }

@@ -232,25 +232,25 @@ def _pooled_at(dims: int):
     return replay
 
 
-def _distinct_writes(what: str, indices, accumulate_attr: str | None = None):
+def _distinct_writes(what: str, indices, accumulate_attr: str | None = None, by_value=None):
     """Rule of an op that writes input elements to indexed output elements (``max_unpool``,
-    ``index_copy``, ``put``): routed like its gradient when no two writes hit one output
-    element.  ``indices(ctx)`` gives the written positions, one row per independent plane;
-    with a duplicate the last write wins but the gradient reaches every writer, so routing
-    relevance like it would duplicate relevance: refused, as is an accumulating write (a sum)."""
+    ``index_copy``, ``put``, ``as_strided_scatter``): routed like its gradient when no two writes
+    hit one output element.  ``indices(ctx)`` gives the written positions, one row per
+    independent plane.  With a duplicate the last write wins, but the gradient reaches every
+    writer, so routing relevance like it would duplicate relevance: ``by_value(ctx)`` (where
+    given) routes by the values instead (:func:`_route_by_value`), else the op is refused.  An
+    accumulating ``put`` is a sum (:func:`_put_accumulate`)."""
 
     def rule(ctx: RuleContext):
         from ..errors import UncoveredOpError
 
         if accumulate_attr is not None and ctx.saved(accumulate_attr):
-            raise UncoveredOpError(
-                f"{ctx.fn.name()} (node {ctx.idx}) accumulates {what} into the output "
-                "(accumulate=True): a sum of the overwritten and the written elements, not a "
-                "routing, and it has no rule. Write it as an index_add or a scatter_add."
-            )
+            return _put_accumulate(ctx)
         idx = indices(ctx)
         srt = idx.sort(-1).values
         if bool((srt[..., 1:] == srt[..., :-1]).any()):
+            if by_value is not None:
+                return by_value(ctx)
             raise UncoveredOpError(
                 f"{ctx.fn.name()} (node {ctx.idx}) writes several {what} into one output "
                 "element (duplicate indices): the last write wins, but autograd routes the "
@@ -260,6 +260,144 @@ def _distinct_writes(what: str, indices, accumulate_attr: str | None = None):
         return route_like_gradient(ctx)
 
     return rule
+
+
+def _route_by_value(ctx: RuleContext, pos: Tensor, src: Tensor, out: Tensor):
+    """Relevance of a write of ``src`` (flat) to the flat output positions ``pos`` where several
+    writes may hit one position and which one wins is unspecified: the written element equals
+    the winning source value, so ``R`` of a position goes to the source element(s) writing there
+    whose value equals the output, split evenly between equal ones (a position written once
+    goes to its one writer).  A position written several times where no writer's value equals
+    the output is refused.  Returns ``(R of the written sources, written count per position)``,
+    flat."""
+    from ..errors import UncoveredOpError
+
+    r = ctx.r.reshape(-1)
+    ones = torch.ones(pos.shape, dtype=r.dtype, device=r.device)
+    count = torch.zeros_like(r).index_add_(0, pos, ones)
+    win = ((src == out[pos]) | (count[pos] == 1)).to(r.dtype)
+    n = torch.zeros_like(r).index_add_(0, pos, win)
+    lost = (count > 0) & (n == 0)
+    if bool(lost.any()):
+        raise UncoveredOpError(
+            f"{ctx.fn.name()} (node {ctx.idx}) writes several elements into one output element "
+            f"and at {int(lost.sum())} such position(s) no written value equals the output, so "
+            "the winning write cannot be read from the values. Make the indices distinct."
+        )
+    return win * (r / n.masked_fill(n == 0, 1))[pos], count
+
+
+def _put_accumulate(ctx: RuleContext):
+    """``out = self.put(index, source, accumulate=True)``: ``self`` plus the source elements
+    summed into the flat positions ``index``, linear with coefficients 1: ``R`` split over the
+    terms like ``index_put(..., accumulate=True)`` (``Rules.add``, :func:`.summing.split_terms`);
+    a constant ``self`` is rebuilt as ``out - put(0, index, source, True)`` and absorbs its
+    share; a constant source (not saved) is seen as ``out - self`` and absorbs its share."""
+    from .summing import _rebuilt_self, _value_or_none, constant_added, split_terms
+
+    if ctx.fn.next_functions[1][0] is None:  # a constant source, not saved: out - self
+        return constant_added(ctx)
+    index = ctx.saved("_saved_index")
+
+    def forward(a, b):
+        return a.put(index, b, True)
+
+    src = ctx.input_value(1)
+    a = _value_or_none(ctx, 0)
+    if a is None:
+        a = _rebuilt_self(ctx, forward, [src])
+    return split_terms(ctx, forward, [a, src], ctx.rules.add)
+
+
+def _put_by_value(ctx: RuleContext):
+    """``put`` with duplicate indices (:func:`_route_by_value`); ``self`` keeps ``R`` where
+    nothing was written."""
+    out = ctx.output_value(0).reshape(-1)
+    pos = ctx.saved("_saved_index").reshape(-1) % max(1, out.numel())
+    src = ctx.input_value(1).reshape(-1)
+    rs, count = _route_by_value(ctx, pos, src, out)
+    r_self = ctx.r.masked_fill(count.reshape(ctx.r.shape) > 0, 0)
+    return r_self, rs.reshape(ctx.input_shape(1))
+
+
+def _unpool_by_value(dims: int):
+    """``max_unpool`` with duplicate indices in a plane (:func:`_route_by_value`, per plane)."""
+
+    def rule(ctx: RuleContext):
+        x = ctx.input_value(0)
+        out = ctx.output_value(0)
+        idx = ctx.saved("_saved_indices").flatten(-dims)
+        planes, size = idx[..., 0].numel(), out.shape[-dims:].numel()
+        base = torch.arange(planes, device=idx.device).reshape(idx.shape[:-1] + (1,)) * size
+        rs, _ = _route_by_value(ctx, (idx + base).reshape(-1), x.reshape(-1), out.reshape(-1))
+        return (rs.reshape(x.shape),)
+
+    return rule
+
+
+def _strided_positions(ctx: RuleContext) -> Tensor:
+    """The flat output positions ``as_strided_scatter`` writes, in ``src``'s element order: those
+    of the strided view of a contiguous output.  The output has ``self``'s layout, and autograd
+    does not save it: a ``self`` that requires grad must be contiguous (PyTorch checks), and
+    PyTorch's own backward assumes a contiguous one too.  Where the output and ``src`` values are
+    at hand they are checked against each other, and a mismatch (a non-contiguous constant
+    ``self``) is refused."""
+    from ..errors import UncoveredOpError
+
+    r = ctx.r
+    flat = torch.arange(r.numel(), device=r.device).reshape(r.shape)
+    view = flat.as_strided(
+        ctx.saved("_saved_size"), ctx.saved("_saved_stride"), ctx.saved("_saved_storage_offset")
+    )
+    pos = view.reshape(-1)
+    out, src = ctx.known_output(0), ctx.known_input(1)
+    if (
+        out is not None
+        and src is not None
+        and not bool((out.reshape(-1)[pos] == src.reshape(-1)).all())
+    ):
+        raise UncoveredOpError(
+            f"{ctx.fn.name()} (node {ctx.idx}): the output of as_strided_scatter does not hold "
+            "src where a contiguous layout puts it: `self` was not contiguous, and autograd "
+            "does not record its layout. Pass self.contiguous()."
+        )
+    return pos
+
+
+def strided_scatter_rule(ctx: RuleContext):
+    """``out = as_strided_scatter(self, src, size, stride, storage_offset)``: a copy of ``self``
+    with ``src`` written into a strided view of it, so routing: ``R_self = R`` where nothing was
+    written, ``R_src = R`` at the position each element was written to (the positions from
+    :func:`_strided_positions`; PyTorch refuses a view whose elements overlap, so no two writes
+    meet).  Not the node's backward: its gradient for ``self`` is the mask of the written
+    positions instead of its complement (PyTorch 2.x, ``gradcheck`` fails), which would route
+    relevance to the overwritten elements."""
+    from ..errors import UncoveredOpError
+
+    pos = _strided_positions(ctx)
+    r = ctx.r.reshape(-1)
+    ones = torch.ones(pos.shape, dtype=r.dtype, device=r.device)
+    count = torch.zeros_like(r).index_add_(0, pos, ones)
+    if bool((count > 1).any()):
+        raise UncoveredOpError(
+            f"{ctx.fn.name()} (node {ctx.idx}) writes several source elements into one output "
+            "element (an overlapping strided view): which write wins is unspecified."
+        )
+    r_self = r.masked_fill(count > 0, 0).reshape(ctx.r.shape)
+    src_recorded = ctx.fn.next_functions[1][0] is not None
+    return r_self, r[pos].reshape(ctx.input_shape(1)) if src_recorded else None
+
+
+def _strided_scatter_replay(c: ReplayContext):
+    return (
+        torch.as_strided_scatter(
+            c.inputs[0],
+            c.inputs[1],
+            c.saved("_saved_size"),
+            c.saved("_saved_stride"),
+            c.saved("_saved_storage_offset"),
+        ),
+    )
 
 
 def _unpool_replay(dims: int):
@@ -279,7 +417,12 @@ def _unpool_replay(dims: int):
 def _unpool(dims: int) -> OpEntry:
     return OpEntry(
         "routing",
-        _distinct_writes("input elements", lambda ctx: ctx.saved("_saved_indices").flatten(-dims)),
+        _distinct_writes(
+            "input elements",
+            lambda ctx: ctx.saved("_saved_indices").flatten(-dims),
+            by_value=_unpool_by_value(dims),
+        ),
+        needs_values=True,  # with duplicate indices: the input and the output
         replay=_unpool_replay(dims),
     )
 
@@ -653,8 +796,17 @@ TABLE = {
             "source elements",
             lambda ctx: ctx.saved("_saved_index").flatten() % ctx.r.numel(),
             "_saved_accumulate",
+            by_value=_put_by_value,
         ),
+        needs_values=True,  # with duplicate indices: the output
         saved_inputs={1: "_saved_source"},
         replay=_put_replay,
+        unrecorded=has_unrecorded_input,  # accumulate=True with a constant operand
+    ),
+    # a copy of self with src written into a strided view of it: routing, by value on overlaps
+    "AsStridedScatterBackward0": OpEntry(
+        "routing",
+        strided_scatter_rule,
+        replay=_strided_scatter_replay,
     ),
 }

@@ -20,6 +20,10 @@ node's own backward applied to a vector.  A *term* is one operand element as it 
   equal to the output, ties split evenly.
 - Product (``scatter_reduce`` prod): the uniform rule of a product, ``R / n`` to each of the ``n``
   factors of an output element.
+- ``index_reduce`` is the ``scatter_reduce`` it equals; ``_segment_reduce`` takes per segment the
+  rule of the matching reduction; ``_unsafe_masked_index_put_accumulate`` is ``index_put``
+  accumulating the masked values; ``embedding_bag`` with data ``per_sample_weights`` takes the map
+  of its written-out spelling (``docs/rules.md`` 2.20).
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UncoveredOpError, ValueRecoveryError
-from .base import OpEntry, ReplayContext, RuleContext, ratio, saved, self_unrecorded, sum_to_shape
+from .base import (
+    OpEntry,
+    ReplayContext,
+    RuleContext,
+    has_unrecorded_input,
+    ratio,
+    saved,
+    self_unrecorded,
+    sum_to_shape,
+)
 from .elementwise import cancelled
 from .linear import safe_divide
 from .reduction import linear_reduction, signed_linear_map
@@ -354,15 +367,11 @@ def embedding_bag_rule(ctx: RuleContext):
     - ``mode="max"``: winner takes all per bag and feature, ``R`` to the rows whose element equals
       the output, ties between distinct rows split evenly; an empty bag's ``R`` is absorbed.
 
-    ``per_sample_weights`` that depend on the data (a product of two data operands) are refused."""
+    ``per_sample_weights`` that depend on the data: the map of the written-out spelling
+    (:func:`_bag_weighted`)."""
     fn = ctx.fn
     if ctx.n_inputs() > 1 and fn.next_functions[1][0] is not None and ctx.data[1]:
-        raise UncoveredOpError(
-            f"{fn.name()} (node {ctx.idx}): F.embedding_bag with per_sample_weights that depend "
-            "on the data is a product of two data operands inside one op, and is not supported. "
-            "Write it out, e.g. (W[indices] * psw[:, None]) summed per bag with index_add, or "
-            "pass per_sample_weights.detach() to hold them constant."
-        )
+        return _bag_weighted(ctx)
     mode = int(fn._saved_mode)
     if mode == _MAX:
         return _bag_max(ctx) + [None] * (ctx.n_inputs() - 1)
@@ -374,6 +383,49 @@ def embedding_bag_rule(ctx: RuleContext):
         rule = signed_linear_map(forward)
     # (the node's backward returns the table's gradient first: L^T of the table)
     return list(rule(ctx)) + [None] * (ctx.n_inputs() - 1)
+
+
+def _bag_weighted(ctx: RuleContext) -> list[Tensor | None]:
+    """``mode="sum"`` with data ``per_sample_weights`` ``p``: the map of the written-out spelling
+    ``zeros(B, D).index_add(0, bag, W[indices] * p[:, None])``.  The terms ``t_i = W[idx_i] *
+    p_i`` of bag ``b`` share ``R_b`` like add (``Rules.add``): ``R_t = |t| R / sum_b |t|``
+    (``"proportional"``) or ``R_t = t R / stab(z_b)`` (``"signed"``, the proportional split where
+    ``z_b`` cancels to rounding); each ``R_t`` then goes to the factors of its product: half to
+    the row of ``W`` and half to ``p_i`` (summed over the features) when both are data, all to the
+    data one when the other is constant (the uniform rule of a product, as for ``mul``).  An empty
+    bag's ``R`` (its output is the constant 0) is absorbed; padding rows contribute no term."""
+    fn = ctx.fn
+    w = ctx.input_value(0)
+    psw = fn._saved_per_sample_weights
+    indices = fn._saved_indices.reshape(-1)
+    bag = fn._saved_result1.reshape(-1)
+    if bag.numel() != indices.numel() or int(fn._saved_mode) != _SUM:
+        raise UncoveredOpError(f"{fn.name()} (node {ctx.idx}): unexpected offset2bag layout")
+    r = ctx.r
+    t = w[indices] * psw.reshape(-1, 1)
+    pad = saved(fn, "_saved_padding_idx")
+    if pad >= 0:
+        t = t.masked_fill((indices == pad)[:, None], 0)
+    m = t.abs()
+    mag = torch.zeros_like(r).index_add(0, bag, m)
+    if ctx.rules.add == "proportional":
+        rt = m * ratio(r, mag)[bag]
+    else:
+        z = torch.zeros_like(r).index_add(0, bag, t)
+        n = max(1, indices.numel() // max(1, r.shape[0]))
+        zero = cancelled(z, lambda: mag, n, ctx.eps)
+        if zero is None:
+            rt = t * safe_divide(r, z, ctx.eps)[bag]
+        else:
+            nil = torch.zeros((), dtype=r.dtype, device=r.device)
+            signed = safe_divide(torch.where(zero, nil, r), z, ctx.eps)[bag]
+            rt = t * signed + m * ratio(torch.where(zero, r, nil), mag)[bag]
+    ctx.absorb(r.masked_fill(mag > 0, 0))  # empty bags (or bags of zeros): a constant 0
+    takers = [s for s in (0, 1) if fn.next_functions[s][0] is not None and ctx.data[s]]
+    share = rt if len(takers) == 1 else rt * 0.5
+    rw = torch.zeros(w.shape, dtype=r.dtype, device=r.device).index_add(0, indices, share)
+    rp = share.sum(1).reshape(psw.shape)
+    return [rw if 0 in takers else None, rp if 1 in takers else None]
 
 
 def _bag_max(ctx: RuleContext) -> list[Tensor]:
@@ -433,6 +485,211 @@ def _unfold_replay(c: ReplayContext):
     )
 
 
+# --- issue 14: index_reduce, segment_reduce, masked index_put accumulate ------------------------
+
+
+class _AsScatter:
+    """``index_reduce`` seen as the ``scatter_reduce`` it equals: ``self.index_reduce(dim, index,
+    source, reduce, include_self)`` is ``self.scatter_reduce(dim, index', source, reduce,
+    include_self)`` with ``index'`` the 1-d ``index`` broadcast along ``dim`` to ``source``'s
+    shape.  Calls go to the node's own backward (same operands, same shapes)."""
+
+    def __init__(self, fn):
+        self._fn = fn
+        dim = saved(fn, "_saved_dim")
+        src = fn._saved_source
+        d = dim % max(1, src.dim())
+        view = [-1 if k == d else 1 for k in range(src.dim())]
+        self._saved_dim = dim
+        self._saved_index = fn._saved_index.reshape(view).expand(src.shape)
+        self._saved_reduce = fn._saved_reduce
+        self._saved_include_self = fn._saved_include_self
+        self._saved_self = fn._saved_self
+        self._saved_src = src
+        self._saved_result = fn._saved_result
+
+    def name(self) -> str:
+        return self._fn.name()
+
+    def __call__(self, *grads):
+        return self._fn(*grads)
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)
+
+
+class _WithFn:
+    """A rule context whose ``fn`` is replaced (every other attribute is the context's)."""
+
+    def __init__(self, ctx: RuleContext, fn):
+        self._ctx = ctx
+        self.fn = fn
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+def index_reduce_rule(ctx: RuleContext):
+    """``out = self.index_reduce(dim, index, source, reduce, include_self)``: the rule of the
+    ``scatter_reduce`` it equals (:class:`_AsScatter`, :func:`scatter_reduce_rule`): ``"mean"``
+    split over the terms like add, ``"amax"`` / ``"amin"`` winner takes all (ties split evenly),
+    ``"prod"`` the uniform rule of a product."""
+    return scatter_reduce_rule(_WithFn(ctx, _AsScatter(ctx.fn)))
+
+
+def _index_reduce_replay(c: ReplayContext):
+    fn = c.fn
+    return (
+        c.inputs[0].index_reduce(
+            saved(fn, "_saved_dim"),
+            fn._saved_index,
+            c.inputs[1],
+            fn._saved_reduce,
+            include_self=fn._saved_include_self,
+        ),
+    )
+
+
+class _Segments:
+    """The segments of ``_segment_reduce`` along ``axis``: ``idx`` (the segment of every element,
+    in ``data``'s shape), ``valid`` (the element lies in a segment) and ``lengths`` in the
+    output's shape (broadcast over the trailing dimensions)."""
+
+    def __init__(self, fn, x: Tensor):
+        axis = saved(fn, "_saved_axis") % x.dim()
+        lengths = fn._saved_lengths
+        if lengths is None:
+            lengths = fn._saved_offsets.diff(dim=-1)
+        n, s = x.shape[axis], lengths.shape[-1]
+        ends = lengths.cumsum(-1).contiguous()
+        pos = torch.arange(n, device=x.device).expand(*lengths.shape[:-1], n).contiguous()
+        seg = torch.searchsorted(ends, pos, right=True)
+        tail = (1,) * (x.dim() - axis - 1)
+        self.axis = axis
+        self.valid = (seg < s).reshape(seg.shape + tail).expand(x.shape)
+        self.idx = seg.clamp(max=max(0, s - 1)).reshape(seg.shape + tail).expand(x.shape)
+        self.lengths = lengths.reshape(lengths.shape + tail)
+
+    def total(self, v: Tensor, out_shape) -> Tensor:
+        """Sum of ``v`` over each segment."""
+        v = v.masked_fill(~self.valid, 0)
+        return torch.zeros(out_shape, dtype=v.dtype, device=v.device).scatter_add(
+            self.axis, self.idx, v
+        )
+
+    def back(self, g: Tensor) -> Tensor:
+        """``g`` (per segment) read back at every element of its segment (0 outside)."""
+        return g.gather(self.axis, self.idx).masked_fill(~self.valid, 0)
+
+
+def segment_reduce_rule(ctx: RuleContext):
+    """``out = _segment_reduce(data, reduce, lengths | offsets, axis, initial)``: per segment, the
+    rule of the matching reduction.  ``initial`` (a constant) enters as a term of the sum
+    (``sum``: ``initial + sum x``; ``mean``: ``(initial + sum x) / n``), as a candidate of the
+    max / min and as a factor of the product:
+
+    - ``"sum"``, ``"mean"``: linear, ``R`` split over the terms (``Rules.reduction``):
+      ``R_x = |x| R / (sum |x| + |initial|)`` or ``R_x = c x R / stab(z)`` (``c = 1`` or
+      ``1 / n``; the proportional split where ``z`` cancels to rounding);
+    - ``"max"``, ``"min"``: winner takes all, ``R`` to the elements equal to the output, ties
+      split evenly (``initial`` counts as one candidate);
+    - ``"prod"``: the uniform rule, ``R / n`` to each of the ``n`` elements (``initial`` is a
+      constant factor and takes nothing).
+
+    What the constant ``initial`` or an empty segment keeps is absorbed."""
+    fn = ctx.fn
+    x, out, r = fn._saved_data, fn._saved_result, ctx.r
+    seg = _Segments(fn, x)
+    reduce, init = fn._saved_reduce, fn._saved_initial
+    n = seg.lengths.to(r.dtype)
+    if reduce in ("sum", "mean"):
+        c = 1 / n.masked_fill(n == 0, 1) if reduce == "mean" else torch.ones_like(n)
+        a = abs(init) if init is not None else 0.0
+        mag = (seg.total(x.abs(), out.shape) + a) * c
+        if ctx.rules.reduction == "proportional":
+            rx = x.abs() * seg.back(c * ratio(r, mag))
+        else:
+            k = max(1, x.numel() // max(1, out.numel()))
+            zero = cancelled(out, lambda: mag, k, ctx.eps)
+            if zero is None:
+                rx = x * seg.back(c * safe_divide(r, out, ctx.eps))
+            else:
+                nil = torch.zeros((), dtype=r.dtype, device=r.device)
+                signed = c * safe_divide(torch.where(zero, nil, r), out, ctx.eps)
+                rx = x * seg.back(signed) + x.abs() * seg.back(
+                    c * ratio(torch.where(zero, r, nil), mag)
+                )
+    elif reduce in ("max", "min"):
+        win = (x == seg.back(out)) & seg.valid
+        count = seg.total(win.to(r.dtype), out.shape)
+        if init is not None:
+            count = count + (out == init).to(r.dtype)
+        rx = win.to(r.dtype) * seg.back(ratio(r, count))
+    elif reduce == "prod":
+        rx = seg.valid.to(r.dtype) * seg.back(ratio(r, n))
+    else:
+        raise UncoveredOpError(
+            f"{fn.name()} (node {ctx.idx}): _segment_reduce with reduce={reduce!r} has no rule "
+            "(sum, mean, max, min and prod do)."
+        )
+    ctx.absorb(r - seg.total(rx, out.shape))
+    return (rx,)
+
+
+def _segment_replay(c: ReplayContext):
+    fn = c.fn
+    return (
+        torch._segment_reduce(
+            c.inputs[0],
+            fn._saved_reduce,
+            lengths=fn._saved_lengths,
+            offsets=fn._saved_offsets,
+            axis=saved(fn, "_saved_axis"),
+            unsafe=False,
+            initial=fn._saved_initial,
+        ),
+    )
+
+
+def _masked_put_forward(fn):
+    """``index_put(self, clamped indices, values.masked_fill(~mask, 0), accumulate=True)``, as
+    PyTorch's decomposition of ``_unsafe_masked_index_put_accumulate`` writes it."""
+    mask = fn._saved_mask
+    indices = list(fn._saved_indices)
+
+    def forward(a, b):
+        idx = [
+            None if i is None else i.clamp(min=-a.shape[k], max=a.shape[k] - 1)
+            for k, i in enumerate(indices)
+        ]
+        return torch.ops.aten.index_put.default(a, idx, b.masked_fill(~mask, 0), True)
+
+    return forward
+
+
+def masked_put_accumulate_rule(ctx: RuleContext):
+    """``out = _unsafe_masked_index_put_accumulate(self, mask, indices, values)``: ``self`` plus
+    the values where ``mask`` holds, accumulated at the (clamped) indices; linear with
+    coefficients ``0`` or ``1``, so ``R`` is split over the terms like ``index_put(...,
+    accumulate=True)`` (:func:`index_put_rule`, ``Rules.add``): a constant ``self`` is rebuilt
+    as ``out - L(0, values)`` and absorbs its share, constant values are seen as ``out - self``."""
+    fn = ctx.fn
+    if fn.next_functions[1][0] is None:
+        return constant_added(ctx)
+    forward = _masked_put_forward(fn)
+    values = ctx.input_value(1)
+    a = _value_or_none(ctx, 0)
+    if a is None:
+        a = _rebuilt_self(ctx, forward, [values])
+    return split_terms(ctx, forward, [a, values], ctx.rules.add)
+
+
+def _masked_put_replay(c: ReplayContext):
+    if c.inputs[0] is None or c.inputs[1] is None:
+        raise ValueRecoveryError("masked index_put with an operand that does not require grad")
+    return (_masked_put_forward(c.fn)(c.inputs[0], c.inputs[1]),)
+
+
 TABLE = {
     "ScatterAddBackward0": OpEntry(
         "reduction",
@@ -475,4 +732,29 @@ TABLE = {
         replay=lambda c: (_fold_forward(c.fn, c.inputs[0]),),
     ),
     "Im2ColBackward0": OpEntry("routing", route_like_gradient, replay=_unfold_replay),
+    # --- issue 14, docs/rules.md 2.20
+    # index_reduce: the scatter_reduce it equals (index broadcast along dim)
+    "IndexReduceBackward0": OpEntry(
+        "reduction",
+        index_reduce_rule,
+        saved_inputs={0: "_saved_self", 1: "_saved_source"},
+        saved_outputs={0: "_saved_result"},
+        replay=_index_reduce_replay,
+    ),
+    # per-segment sum / mean / max / min / prod
+    "SegmentReduceBackward0": OpEntry(
+        "reduction",
+        segment_reduce_rule,
+        saved_inputs={0: "_saved_data"},
+        saved_outputs={0: "_saved_result"},
+        replay=_segment_replay,
+    ),
+    # index_put(accumulate=True) of the values where mask holds
+    "UnsafeMaskedIndexPutAccumulateBackward0": OpEntry(
+        "reduction",
+        masked_put_accumulate_rule,
+        needs_values=True,
+        replay=_masked_put_replay,
+        unrecorded=has_unrecorded_input,
+    ),
 }
