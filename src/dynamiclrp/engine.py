@@ -50,9 +50,9 @@ class Plan:
     """Add-of-a-constant <-> contraction pairs, both ways (``Rules.canonize_bias``)."""
     fused_bias_slot: dict[int, int] = field(default_factory=dict)
     """For each fused add: the input slot holding the contraction's (reshaped) output."""
-    fused_edge: dict[int, Edge] = field(default_factory=dict)
-    """For each contraction of a fused pair: its output edge, the one the add reads through the
-    chain (a requested tensor there gets the layer's relevance less the bias's share)."""
+    fused_path: dict[int, tuple[Edge, ...]] = field(default_factory=dict)
+    """For each fused add: the edges from its data input down to the contraction's output (a
+    requested tensor there gets the layer's relevance less the bias's share)."""
     fused_chain: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     """For each fused add: the rearranging or scaling nodes between it and its contraction, top
     first, with the slot the path takes through each."""
@@ -367,9 +367,7 @@ def make_plan(
     }
     first = _first_contractions(graph, entries, data, topo, earliest, first_kinds)
     merged = _batchnorm_pairs(graph, entries, data)
-    fused, fused_slot, fused_chain, fused_edge = _bias_add_pairs(
-        graph, entries, data, reach, set(requested)
-    )
+    fused, fused_slot, fused_chain, fused_path = _bias_add_pairs(graph, entries, data, reach)
     statistic = _statistic_factors(graph, entries, data)
     return Plan(
         graph.signature,
@@ -383,7 +381,7 @@ def make_plan(
         merged,
         fused,
         fused_slot,
-        fused_edge,
+        fused_path,
         fused_chain,
         statistic,
         probed=tuple(sorted(probed)),
@@ -461,7 +459,10 @@ def _first_contractions(graph, entries, data, topo, starts, kinds) -> frozenset[
         if slot is not None:
             if free[graph.children[v][slot][0]]:
                 first.add(v)
-            free[v] = v in starts
+            # an added term (addmm's input, as in its expansion c + a @ b) reaches the output
+            # without a contraction
+            added = [k for s, k in enumerate(graph.children[v]) if s not in e.operands]
+            free[v] = v in starts or any(k is not None and free[k[0]] for k in added)
         else:
             free[v] = v in starts or any(free[k[0]] for k in graph.children[v] if k is not None)
     return frozenset(first)
@@ -486,7 +487,7 @@ def _batchnorm_pairs(graph: Graph, entries, data: list[bool]) -> dict[int, int]:
     return pairs
 
 
-def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool], requested: set):
+def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
     """Adds of a constant (a bias, a buffer, a scalar, a parameter) to the output of a bias-free
     contraction with one data operand that nothing else consumes, through rearrangements only
     (reshapes, permutes: ``OpEntry.rearranges``): ``x @ W`` then ``+ b`` is recorded as ``mm``,
@@ -501,7 +502,7 @@ def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool], 
     pairs: dict[int, int] = {}
     slots: dict[int, int] = {}
     chains: dict[int, tuple[int, ...]] = {}
-    edges: dict[int, Edge] = {}
+    paths: dict[int, tuple[Edge, ...]] = {}
     for v, e in enumerate(entries):
         if e is None or not e.sums:
             continue
@@ -526,8 +527,6 @@ def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool], 
             chain.append((edge[0], through))
             edge = graph.children[edge[0]][through]
             on_path.append(edge)
-        if requested.intersection(on_path[:-1]):
-            continue  # a requested tensor between the add and the contraction: not one layer
         c, ce = edge[0], entries[edge[0]]
         if ce is None or not ce.fuses_bias:
             continue
@@ -541,8 +540,8 @@ def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool], 
         pairs[v], pairs[c] = c, v
         slots[v] = d[0]
         chains[v] = tuple(chain)
-        edges[c] = edge
-    return pairs, slots, chains, edges
+        paths[v] = tuple(on_path)
+    return pairs, slots, chains, paths
 
 
 def _bias_path_slot(graph: Graph, entries, v: int) -> int | None:
@@ -676,7 +675,7 @@ class _Run:
         self.ledger = Ledger()
         self.report: RelevanceReport | None = None
         self._sent_now: list[tuple[Edge, Tensor]] = []  # given by the running rule to other edges
-        self._captured_now: dict[Edge, Tensor] = {}  # a requested edge's relevance, corrected
+        self._captured: dict[Edge, Tensor] = {}  # relevance that arrived at requested edges
 
     # -- values for rules (RuleContext calls these) --------------------------------------------
 
@@ -746,29 +745,32 @@ class _Run:
                 c = c * s
         return c
 
-    def give_fused_constant(self, idx: int, relevance: Tensor, r_layer: Tensor) -> None:
+    def give_fused_constant(self, idx: int, relevance: Tensor) -> None:
         """The constant's share of a fused add (see :meth:`RuleContext.give_fused_constant`).
 
-        A requested tensor at the contraction's output (``h`` of ``h + c``) gets the layer's
-        relevance less the constant's share, ``R_z - R_c``: what the add would have left it (for
-        the epsilon rule ``R_z f / stab(z)``, LRP-0 = gradient x ``h``), while the data below
-        gets the layer's rule, requested ``h`` or not."""
-        edge = self.plan.fused_edge.get(idx)
-        if edge is not None and edge in self.plan.requested:
-            self._captured_now[edge] = r_layer - relevance
+        A requested tensor on the way from the contraction up to the add (``h`` of ``h + c``)
+        got the layer's relevance; it gets that less the constant's share, ``R_z - R_c``, in its
+        own layout: what the add would have left it (for the epsilon rule ``R_z f / stab(z)``,
+        so LRP-0 = gradient x ``h``), while the data below gets the layer's rule, requested ``h``
+        or not."""
         add = self.plan.fused_bias[idx]
+        path, chain = self.plan.fused_path[add], self.plan.fused_chain[add]
+        share = relevance
+        for i in range(len(path) - 1, -1, -1):  # from the contraction's output up to the add
+            if path[i] in self._captured:
+                self._captured[path[i]] = self._captured[path[i]] - share
+            if i > 0:  # into the layout of the edge above (a scaling passes relevance unchanged)
+                node = chain[i - 1][0]
+                entry = self.plan.entries[node]
+                if entry.rearranges:
+                    share = entry.replay(ReplayContext(self.graph.fns[node], [share]))[0]
         if len(self.graph.children[add]) != 2:
             return  # addcmul's constant product term: its factors are not requested (the plan)
         slot = 1 - self.plan.fused_bias_slot[add]
         edge = self.graph.children[add][slot]
         if edge is None or not self.plan.reach[edge[0]]:
             return
-        for node, _ in reversed(self.plan.fused_chain[add]):  # into the add's layout
-            entry = self.plan.entries[node]
-            if entry.rearranges:  # a scaling passes relevance on unchanged
-                ctx = ReplayContext(self.graph.fns[node], [relevance])
-                relevance = entry.replay(ctx)[0]
-        r = sum_to_shape(relevance, self.input_shape(add, slot))
+        r = sum_to_shape(share, self.input_shape(add, slot))
         self._sent_now.append((edge, r))
 
     def fused_output(self, idx: int) -> Tensor:
@@ -811,7 +813,7 @@ class _Run:
         # the 0-d sums of what each consumer sent to an edge in ``store`` (one per send): a node's
         # incoming total costs 0-d adds instead of a reduction of each input
         sums: dict[Edge, list[Tensor]] = {root: [seeded]}
-        captured: dict[Edge, Tensor] = {}
+        captured = self._captured
         wanted_edges = set(requested)
         for v in plan.order:
             meta = g.fns[v]._input_metadata
@@ -829,9 +831,6 @@ class _Run:
                 for r, m in zip(rel, meta, strict=True)
             ]
             self._propagate(v, rel, store, sums, sent)
-            if self._captured_now:  # a rule corrected what a requested edge of its own received
-                captured.update(self._captured_now)
-                self._captured_now.clear()
         results, param_sums = [], {}
         for i, e in enumerate(requested):
             r = captured.get(e, store.get(e))

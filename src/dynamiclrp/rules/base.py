@@ -290,7 +290,7 @@ class RuleContext:
         """For a contraction fused with the add of a constant above it: pass the constant's share
         (``relevance``, in this node's output shape) to that constant when it is a requested input
         (a bias asked for in ``inputs``); the books count it as absorbed either way."""
-        self._engine.give_fused_constant(self.idx, relevance, self.r)
+        self._engine.give_fused_constant(self.idx, relevance)
 
     def fused_coefficient(self) -> float:
         """For a contraction fused with the add of a constant above it: the coefficient ``a`` of
