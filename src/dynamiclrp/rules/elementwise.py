@@ -492,8 +492,7 @@ def lerp_rule(ctx: RuleContext):
 
 def scalar_sum_rule(sign: float):
     """``z = sign * alpha * x + c`` with ``c`` a Python scalar the node does not save
-    (``torch.rsub(x, c)`` and ``c - x``: ``sign = -1``; ``AddBackward1`` / ``SubBackward1``:
-    ``sign = +1``, ``alpha`` folded into ``c``): the add rule (``Rules.add``) on the summands
+    (``torch.rsub(x, c)`` and ``c - x``: ``sign = -1``): the add rule (``Rules.add``) on the summands
     ``sign * alpha * x`` and ``c = z - sign * alpha * x``, the constant absorbing its share, as
     ``-(x - c)`` gets it (``SubBackward0``; the identity rule gave ``0.5 - x`` an LRP-0 map 23%
     off gradient x input).  Needs the output value (a consumer's saved input, or ``record()``)."""
@@ -742,8 +741,10 @@ TABLE = {
         elementwise=True,
     ),
     # a Python scalar operand: an element-wise map of one tensor
-    "AddBackward1": _scalar_sum(1.0),
-    "SubBackward1": _scalar_sum(1.0),
+    # x + c / x - c with a Python scalar: torch records these only inside C++ composites
+    # (``var + eps`` of F.rms_norm), where neither the scalar nor the sum is kept: identity
+    "AddBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
+    "SubBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
     "RsubBackward1": _scalar_sum(-1.0),
     "MulBackward1": _unary(
         lambda c: (c.inputs[0] * c.saved("_saved_other"),),
