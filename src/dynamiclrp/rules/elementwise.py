@@ -490,35 +490,6 @@ def lerp_rule(ctx: RuleContext):
     return [_to_slot(ctx, 0, ra), _to_slot(ctx, 1, rb)] + [None] * (ctx.n_inputs() - 2)
 
 
-def scalar_sum_rule(sign: float):
-    """``z = sign * alpha * x + c`` with ``c`` a Python scalar the node does not save
-    (``torch.rsub(x, c)`` and ``c - x``: ``sign = -1``): the add rule (``Rules.add``) on the summands
-    ``sign * alpha * x`` and ``c = z - sign * alpha * x``, the constant absorbing its share, as
-    ``-(x - c)`` gets it (``SubBackward0``; the identity rule gave ``0.5 - x`` an LRP-0 map 23%
-    off gradient x input).  Needs the output value (a consumer's saved input, or ``record()``)."""
-
-    def rule(ctx: RuleContext):
-        coef = sign * (_alpha(ctx) if sign < 0 else 1)
-        x = ctx.input_value(0)
-        term = x if coef == 1 else coef * x
-        c = _output_or_explain(ctx, 1) - term
-        rx, rc = split_sum(ctx, [term, c], ctx.rules.add)
-        ctx.absorb(rc)
-        return (rx,)
-
-    return rule
-
-
-def _scalar_sum(sign: float) -> OpEntry:
-    return OpEntry(
-        "elementwise-binary",
-        scalar_sum_rule(sign),
-        needs_values=True,
-        elementwise=True,
-        unrecorded=always_unrecorded,
-    )
-
-
 def _unary(replay=None, saved_inputs=None, saved_outputs=None, coefficient=None) -> OpEntry:
     return OpEntry(
         "elementwise-unary",
@@ -741,11 +712,12 @@ TABLE = {
         elementwise=True,
     ),
     # a Python scalar operand: an element-wise map of one tensor
-    # x + c / x - c with a Python scalar: torch records these only inside C++ composites
-    # (``var + eps`` of F.rms_norm), where neither the scalar nor the sum is kept: identity
+    # x + c, x - c, c - x with a Python scalar the node does not save: identity (docs/rules.md
+    # 2.5: torch records the first two only inside C++ composites, var + eps of F.rms_norm, where
+    # neither the scalar nor the sum is kept; c - x keeps the rule the loss rules are built on)
     "AddBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
     "SubBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
-    "RsubBackward1": _scalar_sum(-1.0),
+    "RsubBackward1": with_facts(_unary(), unrecorded=always_unrecorded),
     "MulBackward1": _unary(
         lambda c: (c.inputs[0] * c.saved("_saved_other"),),
         coefficient=lambda fn, slot: float(fn._saved_other),
