@@ -14,11 +14,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import expecttest  # noqa: F401  (op_db imports it; in the test extras: a missing one must fail)
 import pytest
 
-pytest.importorskip("expecttest")  # op_db imports it
-
-from dynamiclrp.rules import OP_TABLE  # noqa: E402
+from dynamiclrp.rules import OP_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
