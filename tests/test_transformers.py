@@ -118,3 +118,27 @@ def test_batch_equals_rows_and_cached_equals_fresh(name):
         torch.testing.assert_close(
             batch[i : i + 1], dynamiclrp.explain(out_i, xi, target=t), rtol=1e-9, atol=1e-12
         )
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "dynamiclrp"])
+def test_gpt2_gelu_new_and_gelu_pytorch_tanh_give_one_map(preset):
+    """GPT-2's default ``gelu_new`` writes the tanh GELU out of primitives
+    (``0.5 * x * (1 + tanh(...))``), ``gelu_pytorch_tanh`` calls ``nn.GELU``: the same function
+    and weights must give one map (issue 14: 0.11 apart under attnlrp before element-wise
+    regions made the written-out GELU one activation)."""
+    maps = []
+    state = None
+    for act in ("gelu_new", "gelu_pytorch_tanh"):
+        cfg = transformers.GPT2Config(
+            vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_positions=32, activation_function=act
+        )
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(cfg).double().eval()
+        if state is None:
+            state = model.state_dict()
+        model.load_state_dict(state)
+        ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+        e = model.get_input_embeddings()(ids).detach().requires_grad_()
+        out = model(inputs_embeds=e).logits[:, -1]
+        maps.append(dynamiclrp.explain(out, e, target=int(out.argmax()), rules=preset))
+    torch.testing.assert_close(maps[0], maps[1], rtol=1e-9, atol=1e-12)
