@@ -488,9 +488,10 @@ def _batchnorm_pairs(graph: Graph, entries, data: list[bool]) -> dict[int, int]:
 
 
 def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
-    """Adds of a constant (a bias, a buffer, a scalar, a parameter) to the output of a bias-free
-    contraction with one data operand that nothing else consumes, through rearrangements only
-    (reshapes, permutes: ``OpEntry.rearranges``): ``x @ W`` then ``+ b`` is recorded as ``mm``,
+    """Sums of a constant (a bias, a buffer, a scalar, a parameter; ``OpEntry.sums``: add, sub,
+    rsub, addcmul of constant factors) and the output of a bias-free contraction with one data
+    operand that nothing else consumes, through rearrangements (reshapes, permutes:
+    ``OpEntry.rearranges``) and scalar scalings only: ``x @ W`` then ``+ b`` is recorded as ``mm``,
     ``_unsafe_view``, ``add`` for a non-contiguous 3-D input, as ``addmm`` otherwise, and as
     ``bmm``, views and permutes by ``einsum``.  Fusing them makes the explanation independent of
     that spelling.
@@ -501,7 +502,7 @@ def _bias_add_pairs(graph: Graph, entries, data: list[bool], reach: list[bool]):
     ``z = f(x, a w) + c``, an affine map with weight ``a w`` and bias ``c``."""
     pairs: dict[int, int] = {}
     slots: dict[int, int] = {}
-    chains: dict[int, tuple[int, ...]] = {}
+    chains: dict[int, tuple[tuple[int, int], ...]] = {}
     paths: dict[int, tuple[Edge, ...]] = {}
     for v, e in enumerate(entries):
         if e is None or not e.sums:
