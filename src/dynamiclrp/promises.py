@@ -39,7 +39,6 @@ from .graph import Edge, Graph
 from .rules.base import OpEntry, ReplayContext
 
 LEAF, OWN_SAVED, CONSUMER_SAVED, REPLAY = "leaf", "own-saved", "consumer-saved", "replay"
-_NONE = OpEntry("", None)
 UNDONE = "undone-rearrangement"
 
 
@@ -294,7 +293,11 @@ class PromiseResolver:
             "consumer is a softmax whose saved output is 0 where the mask applies"
         )
         consumers = g.consumers.get((j, 0), ())
-        softmaxes = {p for p, _ in consumers if (self.entries[p] or _NONE).family == "softmax"}
+        softmaxes = {
+            p
+            for p, _ in consumers
+            if self.entries[p] is not None and self.entries[p].family == "softmax"
+        }
         others = [p for p, _ in consumers if p not in softmaxes]
         if not consumers or others:
             who = g.describe(others[0]) if others else "no node of the graph"

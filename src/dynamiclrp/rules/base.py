@@ -207,6 +207,12 @@ class RuleContext:
         return self.relevance[0]
 
     @property
+    def recorded(self) -> bool:
+        """Whether the caller passed a recording of the forward pass (an error that would ask
+        for one says instead that the recording did not see the value)."""
+        return self._engine.resolver.recorded
+
+    @property
     def eps(self) -> float:
         return self.rules.eps
 
@@ -327,7 +333,7 @@ def frozen_bias(ctx: RuleContext, without_bias: Tensor) -> Tensor:
     try:
         return ctx.output_value(0) - without_bias
     except ValueRecoveryError as err:
-        if ctx._engine.resolver.recorded:  # a recording was passed and did not keep it
+        if ctx.recorded:  # a recording was passed and did not keep it
             raise ValueRecoveryError(
                 f"{ctx.fn.name()} (node {ctx.idx}): its bias does not require grad, so autograd "
                 "kept neither the bias nor the layer's output, and the recording passed to "

@@ -99,9 +99,9 @@ def contract(
     bn = ctx.partner() if whole else None
     affine = None if bn is None else batchnorm_affine(bn)
     fused = ctx.bias_partner() if whole else None
-    scale = ctx.fused_coefficient() if fused is not None else weight_scale
-    if scale != 1:  # the layer is c + a * f(x, w) = f(x, a * w) + c
-        w = scale * w
+    coef = ctx.fused_coefficient() if fused is not None else weight_scale
+    if coef != 1:  # the layer is c + a * f(x, w) = f(x, a * w) + c
+        w = coef * w
     if affine is not None:  # one affine contraction with the batch norm it feeds
         scale, shift = affine
         w = _merged_weight(ctx.fn, kind, w, scale)
@@ -140,9 +140,6 @@ def contract(
     return outs
 
 
-_NO_ENTRY = OpEntry("", None)
-
-
 def _has_infinity(t: Tensor) -> bool:
     """Whether ``t`` may hold an infinity (always ``True`` off the CPU, where the test would
     synchronise)."""
@@ -154,7 +151,7 @@ def _attention_probabilities(ctx: RuleContext, slots: tuple[int, int]) -> int | 
     reshapes and casts), held constant by CP-LRP; ``None`` otherwise."""
     if ctx.rules.attention != "cp":
         return None
-    held = [s for s in slots if (ctx.producer(s) or _NO_ENTRY).probabilities]
+    held = [s for s in slots if (p := ctx.producer(s)) is not None and p.probabilities]
     return held[0] if len(held) == 1 else None
 
 

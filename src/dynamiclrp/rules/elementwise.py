@@ -145,7 +145,7 @@ def _output_or_explain(ctx: RuleContext, slot: int, advice: str | None = None) -
     try:
         return ctx.output_value(0)
     except ValueRecoveryError as err:
-        if ctx._engine.resolver.recorded:  # a recording was passed and did not keep it
+        if ctx.recorded:  # a recording was passed and did not keep it
             raise ValueRecoveryError(
                 f"{ctx.fn.name()} (node {ctx.idx}) adds a constant (operand {slot}: a Python "
                 "scalar or a tensor that does not require grad) that autograd did not record, "
