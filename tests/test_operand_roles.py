@@ -362,3 +362,20 @@ def test_an_infinite_mask_fused_as_a_bias_takes_nothing():
     scores = ((q @ k.T) / 8**0.5).masked_fill(~causal, float("-inf"))
     written = dynamiclrp.explain(torch.softmax(scores, -1) @ v, q)
     assert_close(fused, written, 1e-5)
+
+
+def test_a_cached_plan_reads_the_coefficient_of_each_call():
+    """The plan is cached by structure, and ``alpha`` is not structure: the fused layer's
+    coefficient is read from the node on every call (a cached plan must not serve the previous
+    call's ``alpha``)."""
+    lrp = dynamiclrp.LRP(LRP0)
+    x0 = torch.randn(6, 4)
+    for alpha in (1.0, 2.0, -0.5):
+
+        def fn(t, alpha=alpha):
+            return torch.add(C, t @ W, alpha=alpha)
+
+        x = x0.clone().requires_grad_(True)
+        rel = lrp.explain(fn(x), x)
+        assert_close(rel, grad_x_input(fn, x0))
+    assert lrp.last_plan_cached
