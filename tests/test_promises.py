@@ -709,3 +709,24 @@ def test_constant_operand_share_booked_as_absorbed():
     _, rb = proportional(y.detach(), hv, b.expand(1, 3))
     assert rep.absorbed == pytest.approx(float(rb.sum()), rel=1e-9)
     assert rep.stabiliser == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_concatenated_value_is_undone_from_the_concatenation():
+    """Message passing as users write it: ``zeros.index_add(...)`` (a sum into a constant, whose
+    value the rule needs) then ``cat`` and a linear layer.  The linear layer saved the
+    concatenation, and a concatenation places each input element once, so its backward applied
+    to that value gives the sum back: no recording is needed, and the map is the recorded one."""
+    torch.manual_seed(0)
+    msg, upd = torch.nn.Linear(4, 4).double(), torch.nn.Linear(8, 3).double()
+    src, dst = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])
+
+    def model(x):
+        agg = torch.zeros_like(x).index_add(0, dst, msg(x)[src])
+        return upd(torch.cat([x, agg], -1))
+
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    plain = dynamiclrp.explain(model(x), x, target=0)
+    with dynamiclrp.record() as rec:
+        out = model(x)
+    recorded = dynamiclrp.explain(out, x, target=0, recording=rec)
+    torch.testing.assert_close(plain, recorded, rtol=1e-12, atol=1e-12)

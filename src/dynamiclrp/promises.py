@@ -219,10 +219,10 @@ class PromiseResolver:
             pe = self.entries[p]
             if pe is not None and slot in pe.saved_inputs:
                 yield (CONSUMER_SAVED, p, pe.saved_inputs[slot])
-        for p, _ in consumers:  # a view of it whose value is at hand: undo the view
-            pe = self.entries[p]  # a permutation of elements (OpEntry.rearranges)
-            if pe is not None and pe.rearranges:
-                yield (UNDONE, p, "")
+        for p, slot in consumers:  # a view or concatenation of it whose value is at hand: undo it
+            pe = self.entries[p]  # a permutation of elements, or each element placed once
+            if pe is not None and (pe.rearranges or pe.concatenates):
+                yield (UNDONE, p, str(slot))
 
     def _read(self, e: Edge, source: tuple[str, int, str]) -> Tensor | None:
         if source[0] != UNDONE:
@@ -231,7 +231,9 @@ class PromiseResolver:
         if out is None:
             return None
         v = self.graph.fns[source[1]](out)
-        v = v[0] if isinstance(v, tuple) else v
+        v = v[int(source[2] or 0)] if isinstance(v, tuple) else v
+        if v is None:
+            return None
         self.values[e] = v
         return v
 

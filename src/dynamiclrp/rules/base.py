@@ -67,6 +67,10 @@ class OpEntry:
     source: bool = False
     """The output is the representation of integer data (an embedding lookup): it counts as data
     when the table it reads from is a requested input."""
+    concatenates: bool = False
+    """Each input element appears exactly once in the output, value unchanged (``cat``,
+    ``stack``): the node's own backward applied to the output's value gives each input's value
+    back, so a promise may undo it as it undoes a rearrangement."""
     same_values: bool = False
     """Each output element is one input element with its value (reshape, permute, expand, clone,
     cast): looked through when asking which op produced an operand (:meth:`RuleContext.producer`).

@@ -489,10 +489,12 @@ TABLE = {
     "CatBackward0": with_facts(
         _routing(lambda c: (torch.cat(c.inputs, c.saved("_saved_dim")),)),
         unrecorded=has_unrecorded_input,
+        concatenates=True,
     ),
     "StackBackward0": with_facts(
         _routing(lambda c: (torch.stack(c.inputs, c.saved("_saved_dim")),)),
         unrecorded=has_unrecorded_input,
+        concatenates=True,
     ),
     "SplitBackward0": _routing(_split),
     "SplitWithSizesBackward0": _routing(_split),
